@@ -1,0 +1,61 @@
+"""lmdbkit: precomputed ML features (above all STFT spectrograms) in LMDB, fed to PyTorch.
+
+Modules that need torch (``dataset``, ``stft``, ``precompute``, ...) are imported on first use of
+their names, so ``import lmdbkit`` works without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import (AudioDecodeError, ConfigMismatchError, CorruptItemError, DatabaseBusyError,
+                     DatabaseExistsError, DatabaseNotFoundError, DuplicateKeyError, EncodeError,
+                     FormatVersionError, IndexNotFoundError, LmdbkitError, MapSizeLimitError, NotADatabaseError,
+                     SchemaError, UnsafeFormatError)
+from .codec import decode, encode
+from .reader import Reader
+from .writer import Writer
+
+__version__ = "0.1.0"
+
+# public names that live in modules needing torch (or other optional packages): name -> module
+_LAZY = {
+    "LMDBDataset": "dataset",
+}
+
+__all__ = [
+    "AudioDecodeError",
+    "ConfigMismatchError",
+    "CorruptItemError",
+    "DatabaseBusyError",
+    "DatabaseExistsError",
+    "DatabaseNotFoundError",
+    "DuplicateKeyError",
+    "EncodeError",
+    "FormatVersionError",
+    "IndexNotFoundError",
+    "LMDBDataset",
+    "LmdbkitError",
+    "MapSizeLimitError",
+    "NotADatabaseError",
+    "Reader",
+    "SchemaError",
+    "UnsafeFormatError",
+    "Writer",
+    "__version__",
+    "decode",
+    "encode",
+]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmdbkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

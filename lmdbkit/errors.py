@@ -1,0 +1,108 @@
+"""Exceptions. One base class, one subclass per condition; every message names the path, key or
+parameter, the bad value and the remedy."""
+
+from __future__ import annotations
+
+
+class LmdbkitError(Exception):
+    """Base class of every error lmdbkit raises on purpose."""
+
+
+class DatabaseNotFoundError(LmdbkitError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class NotADatabaseError(LmdbkitError):
+    """The path exists but holds no lmdbkit (or legacy) LMDB database."""
+
+
+class FormatVersionError(LmdbkitError):
+    """The database was written in a format version this lmdbkit cannot read."""
+
+
+class CorruptItemError(LmdbkitError):
+    """An item's bytes are truncated, malformed or fail their checksum."""
+
+    def __init__(self, reason: str, *, path: str | None = None, key: object = None):
+        self.reason, self.path, self.key = reason, path, key
+        where = ""
+        if path is not None:
+            where = f"{path}: item {key!r}: " if key is not None else f"{path}: "
+        hint = f" Run `lmdbkit verify {path}` for a full report." if path is not None else ""
+        super().__init__(f"{where}corrupt item: {reason}.{hint}")
+
+    def at(self, path: str, key: object) -> "CorruptItemError":
+        """The same error, located in a database."""
+        return CorruptItemError(self.reason, path=path, key=key)
+
+
+class UnsafeFormatError(LmdbkitError):
+    """A legacy pickle-in-LMDB database was opened without allow_pickle=True."""
+
+
+class ConfigMismatchError(LmdbkitError):
+    """Continuing a database with settings that differ from the ones it was written with."""
+
+    def __init__(self, path: str, stored: dict, requested: dict, remedy: str):
+        self.path, self.stored, self.requested = path, stored, requested
+        keys = sorted(set(stored) | set(requested), key=str)
+        diff = [k for k in keys if stored.get(k) != requested.get(k)]
+        width = max([len(str(k)) for k in diff] + [9])
+        rows = [f"  {'setting':<{width}}  {'stored':<24}  requested"]
+        rows += [f"  {str(k):<{width}}  {stored.get(k, '<absent>')!r:<24}  {requested.get(k, '<absent>')!r}" for k in diff]
+        self.differences = {k: (stored.get(k), requested.get(k)) for k in diff}
+        super().__init__(f"{path} was written with other settings:\n" + "\n".join(rows) + f"\n{remedy}")
+
+
+class DatabaseExistsError(LmdbkitError, FileExistsError):
+    """A writer in mode='create' found an existing database."""
+
+
+class DatabaseBusyError(LmdbkitError):
+    """The database is open in this process in a way that conflicts with the request."""
+
+
+class DuplicateKeyError(LmdbkitError, ValueError):
+    """A sample key was written twice."""
+
+
+class MapSizeLimitError(LmdbkitError):
+    """The database reached the user-set hard cap max_size_gb."""
+
+
+class EncodeError(LmdbkitError, TypeError):
+    """A sample holds a value the codec cannot store."""
+
+
+class SchemaError(LmdbkitError, ValueError):
+    """A sample's fields or dtypes differ from the database's schema."""
+
+
+class IndexNotFoundError(LmdbkitError, KeyError):
+    """A query names a field that has no secondary index."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class AudioDecodeError(LmdbkitError):
+    """An audio file could not be decoded."""
+
+
+__all__ = [
+    "AudioDecodeError",
+    "ConfigMismatchError",
+    "CorruptItemError",
+    "DatabaseBusyError",
+    "DatabaseExistsError",
+    "DatabaseNotFoundError",
+    "DuplicateKeyError",
+    "EncodeError",
+    "FormatVersionError",
+    "IndexNotFoundError",
+    "LmdbkitError",
+    "MapSizeLimitError",
+    "NotADatabaseError",
+    "SchemaError",
+    "UnsafeFormatError",
+]

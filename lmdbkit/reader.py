@@ -1,0 +1,314 @@
+"""The reader: one database, random access by index or key, without torch in the loop.
+
+Construction checks the path and reads the format record (O(1): no scan). The environment is shared
+per process (see ``store``) and reopened lazily in any other process that uses the reader (after
+``fork``, or after unpickling under ``spawn``: the handle is dropped in ``__getstate__``). Finished
+databases open ``readonly, lock=False``; unfinished ones with locking, so they can be read while a
+writer is still appending, and a writer's map growth is adopted invisibly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from typing import Any, Iterable, Iterator
+
+import lmdb
+
+from . import codec, store
+from .errors import (CorruptItemError, IndexNotFoundError, LmdbkitError, NotADatabaseError,
+                     UnsafeFormatError)
+from .writer import index_value
+
+_LEGACY_LEN_KEYS = (b"__len__", b"length", b"__length__", b"len", b"num_samples")
+
+
+class Reader:
+    """Read a database written by ``lmdbkit.Writer`` (or, with ``allow_pickle=True``, a legacy one).
+
+    decode_to:   "auto" (arrays come back as the kind written), "numpy" or "torch".
+    verify:      check every item's checksum on read (``lmdbkit verify`` checks a whole database).
+    allow_pickle: read a legacy pickle-in-LMDB database. Unpickling runs code chosen by whoever wrote
+                 the file: only for databases you trust; prefer converting them once.
+    max_readers: LMDB reader slots, for unfinished databases opened with locking.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, decode_to: codec.DecodeTo = "auto", verify: bool = False,
+                 allow_pickle: bool = False, max_readers: int = 126):
+        if decode_to not in codec.DECODE_TO:
+            raise LmdbkitError(f"decode_to={decode_to!r} is unsupported. Supported values are {list(codec.DECODE_TO)}")
+        self.path = str(store.check_exists(path))
+        self.decode_to, self.verify, self.allow_pickle, self.max_readers = decode_to, verify, allow_pickle, max_readers
+        self._h: store.Handle | None = None
+        self._pid = -1
+        self._locked = not store.metadata_json_complete(self.path)
+        h = self._handle()
+        try:
+            meta = store.read_meta(h)
+            self.legacy = meta is None
+            if meta is None:
+                if not store.looks_legacy(h):
+                    raise NotADatabaseError(
+                        f"{self.path} is an LMDB environment but not an lmdbkit database (no format record, "
+                        "no str(idx) keys). Write it with lmdbkit.Writer or convert it with `lmdbkit convert`")
+                if not allow_pickle:
+                    raise UnsafeFormatError(
+                        f"{self.path} is a legacy pickle-in-LMDB database (str(idx) keys, pickled values). "
+                        "Unpickling can run arbitrary code, so it is refused by default. If you trust its "
+                        "source, open it with allow_pickle=True, or convert it once to format 1: "
+                        f"`lmdbkit convert legacy {self.path} NEW.lmdb --allow-pickle`")
+                meta = self._legacy_meta(h)
+            elif not meta.get("complete") and not self._locked:
+                # metadata.json said complete but the record says otherwise: read with locking
+                self._locked = True
+                self._reopen()
+        except BaseException:
+            self.close()
+            raise
+        self._meta = meta
+
+    # -- environment ---------------------------------------------------------------------------------
+
+    def _handle(self) -> store.Handle:
+        h = self._h
+        if h is not None and self._pid == os.getpid():
+            return h
+        self._h = None
+        try:
+            self._h = store.acquire(self.path, lock=self._locked, max_readers=self.max_readers)
+        except lmdb.Error as exc:
+            raise NotADatabaseError(f"{self.path}: LMDB cannot open it ({exc}). Is it an LMDB database "
+                                    "directory, readable by you?") from exc
+        self._pid = os.getpid()
+        self._items = None if self.__dict__.get("legacy") else self._h.db(store.ITEMS)
+        return self._h
+
+    def _reopen(self) -> None:
+        if self._h is not None:
+            store.release(self._h)
+            self._h = None
+        self._handle()
+
+    def _txn(self):
+        """A read transaction whose memoryviews point into the map (valid until the transaction ends)."""
+        return self._handle().begin(buffers=True)
+
+    def close(self) -> None:
+        """Release this reader's share of the environment. Idempotent."""
+        h, self._h = self.__dict__.get("_h"), None
+        if h is not None and self._pid == os.getpid():
+            store.release(h)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_h=None, _pid=-1, _items=None)
+        return state
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- format record -------------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict:
+        """The format record: count, schema, index fields, user metadata, complete flag, timestamps."""
+        if not self._meta.get("complete") and not self.legacy:
+            self._meta = store.read_meta(self._handle()) or self._meta
+        return self._meta
+
+    @property
+    def metadata(self) -> dict:
+        """The user metadata stored at write time (e.g. the STFT config)."""
+        return self.meta.get("metadata", {})
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    def _legacy_meta(self, h: store.Handle) -> dict:
+        with h.begin() as txn:
+            count = None
+            for k in _LEGACY_LEN_KEYS:
+                raw = txn.get(k)
+                if raw is not None:
+                    try:
+                        count = int(raw)
+                    except ValueError:
+                        count = int(pickle.loads(raw))  # allow_pickle was given
+                    break
+            if count is None:
+                count = h.env.stat()["entries"]
+                cur = txn.cursor()
+                if cur.last():  # non-digit keys sort after the digits: count them from the end
+                    while not bytes(cur.key()).isdigit():
+                        count -= 1
+                        if not cur.prev():
+                            break
+        return {"format": "legacy-pickle", "version": 0, "count": count, "schema": {}, "index_fields": [],
+                "metadata": {}, "complete": True}
+
+    # -- items ---------------------------------------------------------------------------------------
+
+    def _norm(self, i: int) -> int:
+        n = len(self)
+        if not isinstance(i, int):
+            try:
+                i = i.__index__()
+            except AttributeError:
+                raise TypeError(f"{self.path}: items are read by integer index, got {type(i).__name__}; "
+                                "use .get(key) for keys") from None
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"index {i} is out of range for {self.path}, which holds {n} items")
+        return j
+
+    def _decode(self, buf, where: object) -> tuple[str | None, dict]:
+        if buf is None:
+            raise CorruptItemError("the item is missing from the items table", path=self.path, key=where)
+        if self.legacy:
+            return None, pickle.loads(buf)
+        try:
+            return codec.decode(buf, decode_to=self.decode_to, verify=self.verify)
+        except CorruptItemError as exc:
+            raise exc.at(self.path, where) from exc
+
+    def _raw(self, txn, i: int):
+        if self.legacy:
+            return txn.get(str(i).encode())
+        return txn.get(store.pack_index(i), db=self._items)
+
+    def __getitem__(self, i: int) -> dict:
+        j = self._norm(i)
+        with self._txn() as txn:
+            return self._decode(self._raw(txn, j), j)[1]
+
+    def read_many(self, indices: Iterable[int]) -> list[dict]:
+        """Several items by index, in one read transaction."""
+        idx = [self._norm(i) for i in indices]
+        with self._txn() as txn:
+            return [self._decode(self._raw(txn, j), j)[1] for j in idx]
+
+    def key_of(self, i: int) -> str | None:
+        """The key an item was written under, from its header (its arrays are not decoded)."""
+        j = self._norm(i)
+        if self.legacy:
+            return str(j)
+        with self._txn() as txn:
+            buf = self._raw(txn, j)
+            try:
+                return codec.peek_key(buf) if buf is not None else None
+            except CorruptItemError as exc:
+                raise exc.at(self.path, j) from exc
+
+    def index_of(self, key: str) -> int | None:
+        """The index of a key, or None."""
+        if self.legacy:
+            return int(key) if key.isdigit() and int(key) < len(self) else None
+        with self._txn() as txn:
+            raw = txn.get(key.encode(), db=self._keys_db())
+            return None if raw is None else store.unpack_index(raw)
+
+    def _keys_db(self):
+        return self._handle().db(store.KEYS)
+
+    def get(self, key: str, default: Any = KeyError) -> dict:
+        """The item written under ``key``; KeyError (naming the key and path) if absent, unless a default is given."""
+        j = self.index_of(key)
+        if j is None:
+            if default is KeyError:
+                raise KeyError(f"key {key!r} is not in {self.path}")
+            return default
+        return self[j]
+
+    def retrieve_batch(self, keys: Iterable[str]) -> list[dict | None]:
+        """The items for several keys, in one transaction; None where a key is missing."""
+        if self.legacy:
+            return [self.get(k, None) for k in keys]
+        out: list[dict | None] = []
+        with self._txn() as txn:
+            kdb = self._keys_db()
+            for k in keys:
+                raw = txn.get(k.encode(), db=kdb)
+                if raw is None:
+                    out.append(None)
+                    continue
+                j = store.unpack_index(raw)
+                out.append(self._decode(self._raw(txn, j), k)[1])
+        return out
+
+    def keys(self) -> list[str]:
+        """Every key, in index order (so ``keys()[i]`` is the key of ``reader[i]``)."""
+        if self.legacy:
+            return [str(i) for i in range(len(self))]
+        with self._txn() as txn:
+            pairs = [(store.unpack_index(v), bytes(k).decode()) for k, v in txn.cursor(db=self._keys_db())]
+        pairs.sort()
+        return [k for _, k in pairs]
+
+    def items(self) -> Iterator[tuple[str | None, dict]]:
+        """(key, sample) pairs in index order, through one cursor."""
+        if self.legacy:
+            for i in range(len(self)):
+                yield str(i), self[i]
+            return
+        n = len(self)
+        with self._txn() as txn:
+            for kb, buf in txn.cursor(db=self._items):
+                j = store.unpack_index(kb)
+                if j >= n:
+                    break
+                yield self._decode(buf, j)
+
+    def __iter__(self) -> Iterator[dict]:
+        for _, sample in self.items():
+            yield sample
+
+    # -- secondary indexes ---------------------------------------------------------------------------
+
+    @property
+    def index_fields(self) -> list[str]:
+        return list(self.meta.get("index_fields", []))
+
+    def _index_db(self, field: str):
+        if field not in self.index_fields:
+            raise IndexNotFoundError(
+                f"{self.path} has no index on {field!r}; indexed fields are {self.index_fields}. Build one with "
+                f"lmdbkit.build_index({self.path!r}, {field!r}) or write with Writer(..., index_fields=({field!r},))")
+        return self._handle().db(store.index_db_name(field))
+
+    def query(self, **conditions: Any) -> list[int]:
+        """Sorted indices of the items whose indexed fields equal the given values (several intersect)."""
+        if not conditions:
+            raise LmdbkitError("query() needs at least one field=value condition")
+        result: set[int] | None = None
+        with self._txn() as txn:
+            for field, value in conditions.items():
+                d = self._index_db(field)
+                cur = txn.cursor(db=d)
+                found: set[int] = set()
+                if cur.set_key(index_value(value, field=field)):
+                    found = set(map(store.unpack_index, cur.iternext_dup()))
+                result = found if result is None else result & found
+        return sorted(result or ())
+
+    def values(self, field: str) -> dict[Any, int]:
+        """The distinct values of an indexed field, with their item counts."""
+        out: dict[Any, int] = {}
+        with self._txn() as txn:
+            cur = txn.cursor(db=self._index_db(field))
+            for k in cur.iternext_nodup():
+                out[json.loads(bytes(k))] = cur.count()
+        return out
+
+    def __repr__(self) -> str:
+        kind = "legacy pickle" if self.legacy else ("complete" if self._meta.get("complete") else "incomplete")
+        return f"<lmdbkit.Reader {self.path!r} items={len(self)} {kind}>"

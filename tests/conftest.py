@@ -1,0 +1,20 @@
+import numpy as np
+import pytest
+
+import lmdbkit
+
+
+def make_samples(n, *, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal(size).astype(np.float32), "i": i, "label": i % 3,
+             "category": "AB"[i % 2]} for i in range(n)]
+
+
+@pytest.fixture
+def small_db(tmp_path):
+    """A finished database of 100 items with an index on label, keys k0..k99."""
+    path = tmp_path / "small.lmdb"
+    with lmdbkit.Writer(path, index_fields=("label",)) as w:
+        for i, s in enumerate(make_samples(100)):
+            w.append(s, key=f"k{i}")
+    return path

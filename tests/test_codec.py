@@ -1,0 +1,217 @@
+import itertools
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import lmdbkit
+from lmdbkit import codec
+from lmdbkit.errors import CorruptItemError, EncodeError, LmdbkitError
+
+NUMPY_DTYPES = ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+                "float16", "float32", "float64", "complex64", "complex128"]
+TORCH_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.uint16, torch.int16, torch.uint32, torch.int32,
+                torch.uint64, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                torch.complex64, torch.complex128]
+SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (2, 3, 4), (1, 1, 1, 5)]
+
+
+def _values(shape, dtype_name, seed=0):
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    if dtype_name == "bool":
+        return rng.integers(0, 2, n).astype(bool).reshape(shape)
+    if dtype_name.startswith("complex"):
+        return (rng.standard_normal(n) + 1j * rng.standard_normal(n)).astype(dtype_name).reshape(shape)
+    if dtype_name.startswith(("int", "uint")):
+        info = np.iinfo(dtype_name)
+        return rng.integers(info.min, info.max, n, dtype=dtype_name, endpoint=True).reshape(shape)
+    return (rng.standard_normal(n) * 1000).astype(dtype_name).reshape(shape)
+
+
+def roundtrip(sample, **kw):
+    key, out = codec.decode(codec.encode(sample, "key/1"), **kw)
+    assert key == "key/1"
+    return out
+
+
+@pytest.mark.parametrize("dtype,shape", list(itertools.product(NUMPY_DTYPES, SHAPES)))
+def test_numpy_roundtrip_exact(dtype, shape):
+    a = _values(shape, dtype)
+    b = roundtrip({"a": a})["a"]
+    assert type(b) is np.ndarray and b.dtype == a.dtype and b.shape == a.shape
+    assert np.array_equal(a, b, equal_nan=dtype.startswith(("float", "complex")))
+    assert b.flags.writeable and b.flags.c_contiguous and b.flags.owndata or b.base is not None
+
+
+@pytest.mark.parametrize("dtype,shape", list(itertools.product(TORCH_DTYPES, SHAPES)))
+def test_torch_roundtrip_exact(dtype, shape):
+    t = torch.from_numpy(_values(shape, "float64")).to(dtype) if dtype not in (
+        torch.uint16, torch.uint32, torch.uint64) else torch.from_numpy(_values(shape, str(dtype)[6:]))
+    if dtype.is_complex:
+        t = torch.from_numpy(_values(shape, str(dtype)[6:]))
+    u = roundtrip({"t": t})["t"]
+    assert isinstance(u, torch.Tensor) and u.dtype == t.dtype and u.shape == t.shape
+    assert torch.equal(u, t)
+
+
+def test_bfloat16_numpy_and_cross_kind():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
+    b = roundtrip({"a": a})["a"]
+    assert b.dtype == a.dtype and np.array_equal(b.astype(np.float32), a.astype(np.float32))
+    t = roundtrip({"a": a}, decode_to="torch")["a"]
+    assert t.dtype == torch.bfloat16 and torch.equal(t.float(), torch.arange(12.).reshape(3, 4))
+    n = roundtrip({"t": torch.ones(2, dtype=torch.bfloat16)}, decode_to="numpy")["t"]
+    assert n.dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.arange(60, dtype=np.float64).reshape(6, 10)[::2, 1::3],          # strided
+    lambda: np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4)),      # Fortran order
+    lambda: np.arange(10, dtype=">i4"),                                          # big-endian
+    lambda: torch.arange(24.).reshape(4, 6).T,                                   # transposed tensor
+    lambda: (torch.arange(10.) * (1 + 2j)).to(torch.complex64)[::3].conj(),                # lazy conj view
+    lambda: torch.arange(6.).requires_grad_(),                                   # autograd leaf
+])
+def test_non_contiguous_and_odd_inputs(make):
+    x = make()
+    y = roundtrip({"x": x})["x"]
+    if isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and torch.equal(y, x.detach().resolve_conj())
+    else:
+        assert isinstance(y, np.ndarray) and np.array_equal(y, x) and y.dtype == x.dtype.newbyteorder("=")
+
+
+def test_decode_to_choices():
+    sample = {"t": torch.arange(3), "a": np.arange(3)}
+    auto = roundtrip(sample)
+    assert isinstance(auto["t"], torch.Tensor) and isinstance(auto["a"], np.ndarray)
+    assert all(isinstance(v, np.ndarray) for v in roundtrip(sample, decode_to="numpy").values())
+    assert all(isinstance(v, torch.Tensor) for v in roundtrip(sample, decode_to="torch").values())
+
+
+def test_metadata_and_scalars_roundtrip():
+    meta = {"label": 3, "big": 2**63 - 1, "neg": -2**63, "f": 0.1, "inf": float("inf"), "t": True, "n": None,
+            "s": "speech/en/utt_001.wav#3 — ü", "b": bytes(range(256)), "empty": "",
+            "nested": {"list": [1, "two", [3.0, None], {"deep": b"x"}], "by_int": {1: "one"}},
+            "np_int": np.int64(7), "np_float": np.float32(0.5), "arr_in_list": [np.arange(3), torch.ones(2)]}
+    out = roundtrip(meta)
+    for k in ("label", "big", "neg", "f", "inf", "t", "n", "s", "b", "empty", "nested"):
+        assert out[k] == meta[k] and type(out[k]) is type(meta[k]), k
+    assert type(out["np_int"]) is np.int64 and out["np_int"] == 7
+    assert type(out["np_float"]) is np.float32 and out["np_float"] == 0.5
+    assert np.array_equal(out["arr_in_list"][0], np.arange(3)) and torch.equal(out["arr_in_list"][1], torch.ones(2))
+    assert roundtrip({"tuple": (1, 2)})["tuple"] == [1, 2]  # documented: tuples come back as lists
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"s": {1, 2}}, "field 's': values of type set"),
+    ({"o": object()}, "field 'o': values of type object"),
+    ({"deep": {"x": [1, {2}]}}, r"field 'deep.x\[1\]'"),
+    ({1: 2}, "field names must be str"),
+    ({"c": torch.zeros(2, dtype=torch.complex32)}, "dtype torch.complex32 is unsupported. Supported dtypes are"),
+    ({"u": np.array(["a"])}, "numpy dtype <U1 is unsupported"),
+])
+def test_unsupported_values_name_field(bad, match):
+    with pytest.raises(EncodeError, match=match):
+        codec.encode(bad)
+    with pytest.raises(EncodeError, match="sample must be a dict"):
+        codec.encode([1, 2])
+
+
+def test_exact_encoded_size():
+    a = np.zeros((4, 5), np.complex64)
+    data = codec.encode({"a": a}, None)
+    hlen = codec.read_prefix(data)[0]
+    assert len(data) == codec.PREFIX_SIZE + hlen + a.nbytes
+    assert hlen < 64  # a compact header
+
+
+def test_decode_makes_one_copy_owned_by_result():
+    a = np.random.default_rng(0).standard_normal(1 << 20)  # 8 MiB
+    buf = bytearray(codec.encode({"a": a}))
+    tracemalloc.start()
+    try:
+        out = codec.decode(memoryview(buf))[1]["a"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert a.nbytes <= peak < 1.2 * a.nbytes  # exactly one array-sized allocation
+    buf[-8:] = b"\xff" * 8
+    assert np.array_equal(out, a)  # the result does not alias the buffer
+
+
+def test_checksum_stored_and_verified():
+    data = bytearray(codec.encode({"a": np.arange(100)}))
+    assert codec.checksum_ok(data)
+    data[-3] ^= 0x40
+    assert not codec.checksum_ok(data)
+    codec.decode(data)  # without verify the damage is silent (fast path) ...
+    with pytest.raises(CorruptItemError, match="checksum mismatch"):
+        codec.decode(data, verify=True)  # ... and caught on request
+
+
+@pytest.mark.parametrize("compression", ["zlib"])
+def test_compression_roundtrip_and_bomb_guard(compression):
+    a = np.zeros((256, 257), np.complex64)
+    data = codec.encode({"a": a}, compression=compression)
+    assert len(data) < a.nbytes / 10
+    assert np.array_equal(codec.decode(data)[1]["a"], a)
+    bad = bytearray(data)
+    bad[-2] ^= 1
+    with pytest.raises(CorruptItemError, match="checksum"):
+        codec.decode(bad)
+
+
+def test_unknown_compression_lists_choices():
+    with pytest.raises(LmdbkitError, match=r"compression='lz5' is unsupported. Supported compressions are \[None, "):
+        codec.encode({"a": np.zeros(2)}, compression="lz5")
+
+
+def test_every_truncation_is_a_clean_error():
+    data = codec.encode({"a": np.arange(50, dtype=np.int32), "m": {"x": [1, 2]}}, "k")
+    for n in range(len(data)):
+        with pytest.raises(CorruptItemError):
+            codec.decode(data[:n])
+
+
+def test_huge_claimed_shape_does_not_allocate():
+    data = bytearray(codec.encode({"a": np.arange(4, dtype=np.int64)}))
+    # rewrite the first dimension in the array descriptor to 2**40 elements
+    pos = bytes(data).index((4).to_bytes(8, "little"), codec.PREFIX_SIZE)
+    data[pos:pos + 8] = (1 << 40).to_bytes(8, "little")
+    with pytest.raises(CorruptItemError, match="needs 8796093022208 bytes"):
+        codec.decode(data)
+
+
+VALID = [codec.encode({"a": np.arange(20, dtype=np.float32).reshape(4, 5), "t": torch.ones(3, dtype=torch.bfloat16),
+                       "m": {"k": [1, "x", None, b"y"]}}, "key"),
+         codec.encode({"z": np.zeros((0, 3)), "c": np.ones(4, np.complex128)}, None, compression="zlib")]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes_only_raise_lmdbkit_errors(data):
+    for blob in (data, codec.MAGIC + b"\x01\x00" + data):
+        try:
+            codec.decode(blob, decode_to="numpy")
+        except LmdbkitError:
+            pass
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       st.integers(0, 10**6))
+def test_fuzz_mutated_items_only_raise_lmdbkit_errors(valid, flips, cut):
+    data = bytearray(valid)
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    data = data[: max(1, cut % (len(data) + 1))]
+    for verify in (False, True):
+        try:
+            codec.decode(bytes(data), verify=verify)
+        except LmdbkitError:
+            pass

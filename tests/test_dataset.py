@@ -1,0 +1,117 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lmdbkit
+from lmdbkit import store
+from lmdbkit.errors import DatabaseNotFoundError
+
+from conftest import make_samples
+
+
+def _write(path, start, n):
+    with lmdbkit.Writer(path, index_fields=("label",)) as w:
+        for s in make_samples(n):
+            s["i"] += start
+            w.append(s, key=f"{path.name}/{s['i']}")
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_yield_each_item_once_per_epoch(small_db, context):
+    ds = lmdbkit.LMDBDataset(small_db)
+    assert ds[0]["i"] == 0  # the parent holds the environment open, as a notebook does
+    loader = DataLoader(ds, batch_size=8, num_workers=4, shuffle=True, multiprocessing_context=context,
+                        persistent_workers=True)
+    for _epoch in range(2):
+        seen = torch.cat([b["i"] for b in loader]).tolist()
+        assert sorted(seen) == list(range(100))
+    batch = next(iter(loader))
+    assert batch["x"].shape == (8, 16) and batch["x"].dtype == torch.float32
+    assert ds[99]["i"] == 99  # the parent's handle still works after the workers
+
+
+def test_fork_child_can_open_same_path_after_parent():
+    """py-lmdb refuses a second open of one path per process; a forked child must drop the inherited one."""
+    code = (
+        "import os, sys, lmdbkit\n"
+        "r = lmdbkit.Reader(sys.argv[1]); r[0]\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    r2 = lmdbkit.Reader(sys.argv[1]); ok = r2[3]['i'] == 3 and r[4]['i'] == 4\n"
+        "    os._exit(0 if ok else 1)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status) or (r[5]['i'] != 5))\n"
+    )
+    import tempfile, pathlib
+    with tempfile.TemporaryDirectory() as d:
+        p = pathlib.Path(d) / "f.lmdb"
+        _write(p, 0, 10)
+        assert subprocess.run([sys.executable, "-c", code, str(p)]).returncode == 0
+
+
+def test_concatenation_list_directory_glob(tmp_path):
+    a, b, c = tmp_path / "train-0-of-3.lmdb", tmp_path / "train-1-of-3.lmdb", tmp_path / "train-2-of-3.lmdb"
+    _write(a, 0, 10)
+    _write(b, 10, 5)
+    _write(c, 15, 7)
+    for spec in ([a, b, c], tmp_path, str(tmp_path / "train-*-of-3.lmdb")):
+        ds = lmdbkit.LMDBDataset(spec)
+        assert len(ds) == 22
+        assert [ds[i]["i"] for i in range(22)] == list(range(22))
+        assert ds[-1]["i"] == 21 and ds[10]["i"] == 10 and ds[15]["i"] == 15
+        assert ds.get(f"{b.name}/12")["i"] == 12
+        assert ds.meta["count"] == 22
+        assert [s["i"] for s in ds.__getitems__([21, 0, 12, 3])] == [21, 0, 12, 3]
+        assert ds.query(label=1) == [i for i in range(22) if (i if i < 10 else (i - 10 if i < 15 else i - 15)) % 3 == 1]
+        ds.close()
+    with pytest.raises(IndexError, match="index 22 is out of range for 3 databases"):
+        lmdbkit.LMDBDataset([a, b, c])[22]
+    with pytest.raises(DatabaseNotFoundError, match="matches no database"):
+        lmdbkit.LMDBDataset(str(tmp_path / "val-*.lmdb"))
+
+
+def test_getitems_uses_one_transaction_per_database(small_db, monkeypatch):
+    ds = lmdbkit.LMDBDataset(small_db)
+    calls = []
+    real = lmdbkit.Reader._txn
+    monkeypatch.setattr(lmdbkit.Reader, "_txn", lambda self: calls.append(1) or real(self))
+    out = ds.__getitems__(list(range(0, 64)))
+    assert [s["i"] for s in out] == list(range(64)) and len(calls) == 1
+
+
+def test_transform_subset_and_pickle(small_db):
+    import pickle
+    ds = lmdbkit.LMDBDataset(small_db, transform=lambda s: (s["x"] * 2, s["label"]))
+    x, y = ds[4]
+    assert torch.equal(x, lmdbkit.LMDBDataset(small_db)[4]["x"] * 2) and y == 1
+    sub = lmdbkit.LMDBDataset(small_db).subset(label=2)
+    assert len(sub) == 33 and all(s["label"] == 2 for s in sub)
+    ds2 = pickle.loads(pickle.dumps(lmdbkit.LMDBDataset(small_db)))
+    assert ds2[7]["i"] == 7
+
+
+def test_close_releases_environment(small_db):
+    ds = lmdbkit.LMDBDataset(small_db)
+    ds[0]
+    ds.close()
+    ds.close()
+    assert store.open_count() == 0
+
+
+def test_import_lmdbkit_does_not_import_torch():
+    code = "import sys, lmdbkit; lmdbkit.Reader; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_public_names_are_pinned():
+    assert sorted(lmdbkit.__all__) == sorted([
+        "AudioDecodeError", "ConfigMismatchError", "CorruptItemError", "DatabaseBusyError", "DatabaseExistsError",
+        "DatabaseNotFoundError", "DuplicateKeyError", "EncodeError", "FormatVersionError", "IndexNotFoundError",
+        "LMDBDataset", "LmdbkitError", "MapSizeLimitError", "NotADatabaseError", "Reader", "SchemaError",
+        "UnsafeFormatError", "Writer", "__version__", "decode", "encode",
+    ])
+    for name in lmdbkit.__all__:
+        assert getattr(lmdbkit, name) is not None
