@@ -7,13 +7,15 @@ Layout of one encoded item (little-endian)::
     3   u8     flags (reserved, 0)
     4   u32    header length H
     8   u64    xxh3-64 checksum of bytes[16:]   (header + payload)
-    16  H      header: msgpack map {"k": key or None, "f": {field: value}}
+    16  H      header: msgpack [key or None, {field: value}, [array descriptor, ...]]
     16+H       payload: the raw C-order bytes of every array, one after another
 
 Metadata values are stored as native msgpack (int, float, bool, None, str, bytes, lists and dicts of
-those; tuples come back as lists). Arrays and tensors are msgpack extension values of type 1 whose
-body is ``<BBBBQQ`` (kind, dtype code, ndim, compression, payload offset, stored length) followed by
-``ndim`` u64 dimensions. Decoding bounds-checks every length against the buffer before it allocates,
+those; tuples come back as lists). A top-level array or tensor field is None in the field map (which
+keeps the field order) and described in the list by ``[field, kind, dtype code, compression, payload
+offset, stored length, [shape]]``: plain msgpack, decoded without Python hooks. Arrays nested inside
+metadata lists/dicts are msgpack extension values of type 1 whose body is ``<BBBBQQ`` (kind, dtype code,
+ndim, compression, offset, length) followed by ``ndim`` u64 dimensions. Decoding bounds-checks every length against the buffer before it allocates,
 then makes exactly one copy of each array from the buffer (e.g. LMDB's memory map) into the result.
 """
 
@@ -52,6 +54,9 @@ _CODE = {name: code for code, name in enumerate(DTYPES, start=1)}
 _NAME = {code: name for name, code in _CODE.items()}
 _STORAGE = {name: np.dtype("<u2" if name == "bfloat16" else name).newbyteorder("<") for name in DTYPES}
 _STORAGE["bool"] = np.dtype(bool)
+_LITTLE = sys.byteorder == "little"
+if _LITTLE:
+    _STORAGE = {k: v.newbyteorder("=") for k, v in _STORAGE.items()}
 
 
 # -- compression: a registry of small functions, off by default -------------------------------------
@@ -91,28 +96,26 @@ def _torch():
     return sys.modules.get("torch")
 
 
+_NATIVE_NAMES = {np.dtype(n): n for n in DTYPES if n != "bfloat16"}
+
+
 def _as_numpy(value: Any, field: str) -> tuple[np.ndarray, str, int] | None:
     """(C-contiguous little-endian numpy view, dtype name, kind) for an array-like, else None."""
-    torch = _torch()
-    if torch is not None and isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:
-            raise EncodeError(f"field {field!r}: {value.layout} tensors are not supported; "
-                              "call .to_dense() before writing")
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.resolve_conj().resolve_neg().contiguous()
-        name = str(t.dtype).removeprefix("torch.")
-        if name not in _CODE:
-            raise EncodeError(f"field {field!r}: dtype {t.dtype} is unsupported. Supported dtypes are {list(DTYPES)}")
-        arr = t.view(torch.int16).numpy().view("<u2") if name == "bfloat16" else t.numpy()
-        return arr, name, KIND_TORCH
-    if isinstance(value, np.generic):
+    t = type(value)
+    if t is np.ndarray:
+        name = _NATIVE_NAMES.get(value.dtype)
+        if name is not None and value.flags.c_contiguous and (_LITTLE or value.dtype.byteorder in "<|"):
+            return value, name, KIND_NUMPY  # the common case: nothing to convert
+        kind = KIND_NUMPY
+    elif isinstance(value, np.generic):
         value, kind = np.asarray(value), KIND_NUMPY_SCALAR
     elif isinstance(value, np.ndarray):
         kind = KIND_NUMPY
     else:
-        return None
+        torch = _torch()
+        if torch is None or not isinstance(value, torch.Tensor):
+            return None
+        return _tensor_as_numpy(value, field, torch)
     name = value.dtype.name
     if name not in _CODE:
         raise EncodeError(f"field {field!r}: numpy dtype {value.dtype} is unsupported. "
@@ -127,40 +130,91 @@ def _as_numpy(value: Any, field: str) -> tuple[np.ndarray, str, int] | None:
     return arr, name, kind
 
 
+def _tensor_as_numpy(value, field: str, torch) -> tuple[np.ndarray, str, int]:
+    if value.layout != torch.strided:
+        raise EncodeError(f"field {field!r}: {value.layout} tensors are not supported; "
+                          "call .to_dense() before writing")
+    name = _TORCH_NAMES.get(value.dtype)
+    if name is None:
+        name = str(value.dtype).removeprefix("torch.")
+        if name not in _CODE:
+            raise EncodeError(f"field {field!r}: dtype {value.dtype} is unsupported. Supported dtypes are {list(DTYPES)}")
+        _TORCH_NAMES[value.dtype] = name
+    if name != "bfloat16":
+        try:  # the common case: a CPU tensor without grad, conj or neg bits
+            arr = value.numpy()
+            if arr.flags.c_contiguous:
+                return arr, name, KIND_TORCH
+        except (RuntimeError, TypeError):
+            pass
+    t = value.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    arr = t.view(torch.int16).numpy().view("<u2") if name == "bfloat16" else t.numpy()
+    return arr, name, KIND_TORCH
+
+
+_TORCH_NAMES: dict = {}
+
+
 def encode(sample: dict, key: str | None = None, *, compression: str | None = None) -> bytes:
     """Encode one sample (a dict with str keys) into bytes. Raises EncodeError for what cannot be stored."""
-    if not isinstance(sample, dict):
+    return encode_with_schema(sample, key, compression=compression)[0]
+
+
+def encode_with_schema(sample: dict, key: str | None = None, *,
+                       compression: str | None = None) -> tuple[bytes, tuple]:
+    """(encoded bytes, schema signature): the signature is a tuple of (field, kind, dtype name or None)."""
+    if type(sample) is not dict and not isinstance(sample, dict):
         raise EncodeError(f"a sample must be a dict of field -> value, got {type(sample).__name__}")
     ccode = check_compression(compression)
     compress = COMPRESSORS[compression][1] if compression else None
     chunks: list = []
     offset = 0
 
-    def default(value: Any, field: str = "?"):
+    def store(value: Any, field: str) -> tuple | None:
+        """(kind, dtype code, compression, offset, length, shape) of an array, its bytes queued; None if not an array."""
         nonlocal offset
         found = _as_numpy(value, field)
         if found is None:
-            raise EncodeError(f"field {field!r}: values of type {type(value).__name__} cannot be stored. "
-                              "Supported: torch tensors, numpy arrays, int, float, bool, None, str, bytes, "
-                              "and lists/dicts of those")
+            return None
         arr, name, kind = found
         raw = memoryview(arr).cast("B") if arr.size else b""
         code = 0
         if compress is not None and arr.nbytes:
             raw, code = compress(raw), ccode
-        body = _ARRAY.pack(kind, _CODE[name], arr.ndim, code, offset, len(raw)) + struct.pack(f"<{arr.ndim}Q", *arr.shape)
         chunks.append(raw)
+        desc = (kind, _CODE[name], code, offset, len(raw), list(arr.shape))
         offset += len(raw)
-        return msgpack.ExtType(_EXT_ARRAY, body)
+        return desc
 
-    fields = {}
+    def default(value: Any, field: str = "?"):
+        desc = store(value, field)
+        if desc is None:
+            raise EncodeError(f"field {field!r}: values of type {type(value).__name__} cannot be stored. "
+                              "Supported: torch tensors, numpy arrays, int, float, bool, None, str, bytes, "
+                              "and lists/dicts of those")
+        kind, dcode, code, off, n, shape = desc
+        return msgpack.ExtType(_EXT_ARRAY, _ARRAY.pack(kind, dcode, len(shape), code, off, n) +
+                               struct.pack(f"<{len(shape)}Q", *shape))
+
+    fields: dict = {}
+    arrays: list = []
+    signature = []
     for field, value in sample.items():
-        if not isinstance(field, str):
+        if type(field) is not str:
             raise EncodeError(f"field names must be str, got {field!r}")
-        fields[field] = value
+        desc = store(value, field)
+        if desc is None:
+            fields[field] = _pre(value, field, default)
+            signature.append((field, "meta", None))
+        else:
+            fields[field] = None
+            arrays.append([field, *desc])
+            signature.append((field, _KIND_NAMES[desc[0]], _NAME[desc[1]], len(desc[5])))
     try:
-        header = msgpack.packb({"k": key, "f": {f: _pre(v, f, default) for f, v in fields.items()}},
-                               use_bin_type=True, default=default)
+        header = msgpack.packb([key, fields, arrays], use_bin_type=True, default=default)
     except EncodeError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -168,11 +222,17 @@ def encode(sample: dict, key: str | None = None, *, compression: str | None = No
     h = xxhash.xxh3_64(header)
     for c in chunks:
         h.update(c)
-    return b"".join([_PREFIX.pack(MAGIC, VERSION, 0, len(header), h.intdigest()), header, *chunks])
+    return b"".join([_PREFIX.pack(MAGIC, VERSION, 0, len(header), h.intdigest()), header, *chunks]), tuple(signature)
+
+
+_KIND_NAMES = ("array", "tensor", "scalar")
 
 
 def _pre(value: Any, field: str, default: Callable) -> Any:
     """Turn arrays into extension values up front, so errors name their field."""
+    t = type(value)
+    if t is int or t is str or t is float or t is bool or value is None or t is bytes:
+        return value
     if isinstance(value, (np.ndarray, np.generic)) or (_torch() is not None and isinstance(value, _torch().Tensor)):
         return default(value, field)
     if isinstance(value, dict):
@@ -218,65 +278,107 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False) -> tuple[
     verify: check the checksum first (compressed arrays are always checked before they are inflated).
     """
     buf = memoryview(buf)
-    hlen, stored = read_prefix(buf)
+    if len(buf) < PREFIX_SIZE:
+        raise _corrupt(f"{len(buf)} bytes is shorter than the {PREFIX_SIZE}-byte item prefix")
+    magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC or version != VERSION or PREFIX_SIZE + hlen > len(buf):
+        read_prefix(buf)  # raises the precise error
     if verify and xxhash.xxh3_64_intdigest(buf[PREFIX_SIZE:]) != stored:
         raise _corrupt("checksum mismatch")
-    payload = buf[PREFIX_SIZE + hlen:]
-    verified = verify
+    try:
+        header = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
+        key, fields, arrays = header
+    except Exception as exc:  # msgpack raises many kinds on malformed input
+        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
+    if type(fields) is not dict or type(arrays) is not list:
+        raise _corrupt("header is not a sample record")
+    if key is not None and type(key) is not str:
+        raise _corrupt("header key is not a string")
     torch = None
     if decode_to != "numpy":
         torch = _torch()
         if torch is None and decode_to == "torch":
             import torch  # noqa: F811 - imported only when tensors are asked for
+    start = PREFIX_SIZE + hlen
+    for desc in arrays:
+        try:
+            name, kind, dcode, ccode, off, n, shape = desc
+            if (type(shape) is not list or type(off) is not int or type(n) is not int or off < 0 or n < 0
+                    or type(name) is not str):
+                raise ValueError
+        except (ValueError, TypeError):
+            raise _corrupt(f"malformed array descriptor {desc!r}"[:200]) from None
+        fields[name] = _array(buf, start, stored, verify, kind, dcode, ccode, off, n, shape, decode_to, torch)
+    for name, value in fields.items():
+        t = type(value)
+        if t is list or t is dict or t is msgpack.ExtType:
+            fields[name] = _walk(value, _Ctx(buf, start, stored, verify, decode_to, torch))
+    return key, fields
 
-    def ext_hook(code: int, data: bytes):
-        nonlocal verified
-        if code != _EXT_ARRAY or len(data) < _ARRAY.size:
-            raise _corrupt(f"unknown extension value (type {code}, {len(data)} bytes)")
-        kind, dcode, ndim, ccode, off, n = _ARRAY.unpack_from(data, 0)
-        if len(data) != _ARRAY.size + 8 * ndim:
-            raise _corrupt(f"array descriptor of {len(data)} bytes does not fit ndim={ndim}")
-        shape = struct.unpack_from(f"<{ndim}Q", data, _ARRAY.size)
-        name = _NAME.get(dcode)
-        if name is None:
-            raise _corrupt(f"unknown dtype code {dcode}")
-        if off + n > len(payload):
-            raise _corrupt(f"array of {n} bytes at offset {off} runs past the {len(payload)}-byte payload")
-        dt = _STORAGE[name]
-        size = 1
-        for d in shape:
-            size *= d
-        nbytes = size * dt.itemsize
-        raw = payload[off:off + n]
-        if ccode:
-            if ccode not in _DECOMPRESS:
-                raise _corrupt(f"unknown compression code {ccode}")
-            if not verified:  # never inflate bytes that might be a random bomb
-                if xxhash.xxh3_64_intdigest(buf[PREFIX_SIZE:]) != stored:
-                    raise _corrupt("checksum mismatch")
-                verified = True
-            try:
-                raw = _DECOMPRESS[ccode](raw, nbytes)
-            except Exception as exc:
-                raise _corrupt(f"cannot decompress array: {exc}") from exc
-        if len(raw) != nbytes:
-            raise _corrupt(f"array of shape {tuple(shape)} {name} needs {nbytes} bytes, found {len(raw)}")
-        arr = np.frombuffer(raw, dtype=dt, count=size).reshape(shape).copy() if size else np.empty(shape, dt)
-        return _finish(arr, name, kind, decode_to, torch)
 
-    try:
-        header = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, use_list=True,
-                                 strict_map_key=False, ext_hook=ext_hook)
-    except LmdbkitError:
-        raise
-    except Exception as exc:  # msgpack raises many kinds on malformed input
-        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(header, dict) or not isinstance(header.get("f"), dict):
-        raise _corrupt("header is not a sample record")
-    key = header.get("k")
-    if key is not None and not isinstance(key, str):
-        raise _corrupt("header key is not a string")
-    return key, header["f"]
+class _Ctx:
+    __slots__ = ("buf", "start", "stored", "verified", "decode_to", "torch")
+
+    def __init__(self, buf, start, stored, verified, decode_to, torch):
+        self.buf, self.start, self.stored, self.verified = buf, start, stored, verified
+        self.decode_to, self.torch = decode_to, torch
+
+
+def _walk(value, ctx: _Ctx):
+    """Decode arrays nested in metadata lists and dicts."""
+    if type(value) is msgpack.ExtType:
+        return _ext_array(value, ctx)
+    if type(value) is list:
+        return [_walk(v, ctx) for v in value]
+    if type(value) is dict:
+        return {k: _walk(v, ctx) for k, v in value.items()}
+    return value
+
+
+_SHAPES = [struct.Struct(f"<{n}Q") for n in range(33)]
+
+
+def _ext_array(ext, ctx: _Ctx):
+    """An array nested in metadata (a msgpack extension value)."""
+    code, data = ext
+    if code != _EXT_ARRAY or len(data) < _ARRAY.size:
+        raise _corrupt(f"unknown extension value (type {code}, {len(data)} bytes)")
+    kind, dcode, ndim, ccode, off, n = _ARRAY.unpack_from(data, 0)
+    if ndim >= len(_SHAPES) or len(data) != _ARRAY.size + 8 * ndim:
+        raise _corrupt(f"array descriptor of {len(data)} bytes does not fit ndim={ndim}")
+    shape = _SHAPES[ndim].unpack_from(data, _ARRAY.size)
+    return _array(ctx.buf, ctx.start, ctx.stored, True, kind, dcode, ccode, off, n, shape, ctx.decode_to, ctx.torch)
+
+
+def _array(buf, start, stored, verified, kind, dcode, ccode, off, n, shape, decode_to, torch):
+    """One array from the payload: bounds-checked, then exactly one copy out of ``buf``."""
+    name = _NAME.get(dcode)
+    if name is None or kind not in (0, 1, 2):
+        raise _corrupt(f"unknown dtype code {dcode} or kind {kind}")
+    if start + off + n > len(buf):
+        raise _corrupt(f"array of {n} bytes at offset {off} runs past the {len(buf) - start}-byte payload")
+    dt = _STORAGE[name]
+    size = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise _corrupt(f"bad array shape {shape!r}"[:200])
+        size *= d
+    nbytes = size * dt.itemsize
+    raw = buf[start + off:start + off + n]
+    if ccode:
+        if ccode not in _DECOMPRESS:
+            raise _corrupt(f"unknown compression code {ccode}")
+        # never inflate bytes that might be a random bomb: check the checksum first
+        if not verified and xxhash.xxh3_64_intdigest(buf[PREFIX_SIZE:]) != stored:
+            raise _corrupt("checksum mismatch")
+        try:
+            raw = _DECOMPRESS[ccode](raw, nbytes)
+        except Exception as exc:
+            raise _corrupt(f"cannot decompress array: {exc}") from exc
+    if len(raw) != nbytes:
+        raise _corrupt(f"array of shape {tuple(shape)} {name} needs {nbytes} bytes, found {len(raw)}")
+    arr = np.ndarray(shape, dt, raw).copy() if size else np.empty(shape, dt)  # the one copy
+    return _finish(arr, name, kind, decode_to, torch)
 
 
 def _finish(arr: np.ndarray, name: str, kind: int, decode_to: str, torch) -> Any:
@@ -289,8 +391,8 @@ def _finish(arr: np.ndarray, name: str, kind: int, decode_to: str, torch) -> Any
         return torch.from_numpy(arr)
     if name == "bfloat16":
         return _numpy_bf16(arr, name)
-    if arr.dtype.byteorder == "<" and sys.byteorder == "little":
-        return arr.view(arr.dtype.newbyteorder("="))
+    if _LITTLE:
+        return arr  # storage dtypes are little-endian: native here
     return arr.astype(arr.dtype.newbyteorder("="))
 
 
@@ -308,19 +410,9 @@ def peek_key(buf) -> str | None:
     buf = memoryview(buf)
     hlen, _ = read_prefix(buf)
     try:
-        header = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False,
-                                 ext_hook=lambda code, data: None)
+        key = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)[0]
     except Exception as exc:
         raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(header, dict):
-        raise _corrupt("header is not a sample record")
-    return header.get("k")
-
-
-def describe(value: Any) -> dict:
-    """The schema entry of one field value: kind and dtype for arrays, type name for metadata."""
-    found = _as_numpy(value, "?")
-    if found is not None:
-        arr, name, kind = found
-        return {"kind": ("array", "tensor", "scalar")[kind], "dtype": name, "ndim": arr.ndim}
-    return {"kind": "meta", "type": type(value).__name__}
+    if key is not None and type(key) is not str:
+        raise _corrupt("header key is not a string")
+    return key

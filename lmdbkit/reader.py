@@ -67,6 +67,7 @@ class Reader:
             self.close()
             raise
         self._meta = meta
+        self._complete = bool(meta.get("complete"))
 
     # -- environment ---------------------------------------------------------------------------------
 
@@ -122,8 +123,9 @@ class Reader:
     @property
     def meta(self) -> dict:
         """The format record: count, schema, index fields, user metadata, complete flag, timestamps."""
-        if not self._meta.get("complete") and not self.legacy:
+        if not self._complete:
             self._meta = store.read_meta(self._handle()) or self._meta
+            self._complete = bool(self._meta.get("complete"))
         return self._meta
 
     @property
@@ -159,8 +161,8 @@ class Reader:
     # -- items ---------------------------------------------------------------------------------------
 
     def _norm(self, i: int) -> int:
-        n = len(self)
-        if not isinstance(i, int):
+        n = self._meta["count"] if self._complete else len(self)
+        if type(i) is not int:
             try:
                 i = i.__index__()
             except AttributeError:
@@ -188,8 +190,17 @@ class Reader:
 
     def __getitem__(self, i: int) -> dict:
         j = self._norm(i)
-        with self._txn() as txn:
-            return self._decode(self._raw(txn, j), j)[1]
+        h = self._h if self._pid == os.getpid() and self._h is not None else self._handle()
+        with h.begin(buffers=True) as txn:
+            if self.legacy:
+                return self._decode(self._raw(txn, j), j)[1]
+            buf = txn.get(store.pack_index(j), db=self._items)
+            if buf is None:
+                raise CorruptItemError("the item is missing from the items table", path=self.path, key=j)
+            try:
+                return codec.decode(buf, decode_to=self.decode_to, verify=self.verify)[1]
+            except CorruptItemError as exc:
+                raise exc.at(self.path, j) from exc
 
     def read_many(self, indices: Iterable[int]) -> list[dict]:
         """Several items by index, in one read transaction."""

@@ -123,6 +123,7 @@ class Writer:
             self._pending_index: list[tuple[bytes, bytes, bytes]] = []
             self._pending_bytes = 0
             self._group: list | None = None
+            self._sig: tuple | None = None
             self._rtxn = self._h.env.begin()
             self._commit(mark_complete=False)  # an (empty) consistent database from the start
         except BaseException:
@@ -210,9 +211,10 @@ class Writer:
         kb = key.encode()
         if key in self:
             raise DuplicateKeyError(f"{self.path}: key {key!r} is already in the database; sample keys must be unique")
-        self._check_schema(sample, key)
+        data, sig = codec.encode_with_schema(sample, key, compression=self.compression)
+        if sig != self._sig:
+            self._check_schema(sample, sig, key)
         index_entries = [(f, index_value(sample.get(f), field=f, key=key)) for f in self.index_fields]
-        data = codec.encode(sample, key, compression=self.compression)
         ik = store.pack_index(i)
         self._pending.append((ik, kb, data))
         self._pending_keys.add(kb)
@@ -256,24 +258,26 @@ class Writer:
         """Committed sources and what was written for each."""
         return {bytes(k).decode(): json.loads(bytes(v)) for k, v in self._rtxn.cursor(db=self._sources)}
 
-    def _check_schema(self, sample: dict, key: str) -> None:
-        if not isinstance(sample, dict):
-            raise SchemaError(f"sample {key!r} is a {type(sample).__name__}; samples are dicts of field -> value")
-        desc = {f: codec.describe(v) for f, v in sample.items()}
+    def _check_schema(self, sample: dict, sig: tuple, key: str) -> None:
+        """Every sample needs the fields of the first, with the same array dtypes (shapes may vary)."""
+        desc = {f: ({"kind": kind, "dtype": dtype, "ndim": rest[0]} if kind != "meta"
+                    else {"kind": "meta", "type": type(sample[f]).__name__}) for f, kind, dtype, *rest in sig}
         if not self.schema:
             self.schema = desc
+            self._sig = sig
             return
         if set(desc) != set(self.schema):
             raise SchemaError(f"{self.path}: sample {key!r} has fields {sorted(desc)}, the database has "
                               f"{sorted(self.schema)}; every sample needs the same fields")
         for f, d in desc.items():
             s = self.schema[f]
-            if s["kind"] != "meta" and d["kind"] != "meta" and s.get("dtype") != d.get("dtype"):
-                raise SchemaError(f"{self.path}: sample {key!r} field {f!r} is {d['dtype']}, the database "
-                                  f"stores {s['dtype']}; convert it before writing")
             if (s["kind"] == "meta") != (d["kind"] == "meta"):
                 raise SchemaError(f"{self.path}: sample {key!r} field {f!r} is {d['kind']}, the database "
                                   f"stores {s['kind']}")
+            if s["kind"] != "meta" and s.get("dtype") != d.get("dtype"):
+                raise SchemaError(f"{self.path}: sample {key!r} field {f!r} is {d['dtype']}, the database "
+                                  f"stores {s['dtype']}; convert it before writing")
+        self._sig = sig
 
     def set_metadata(self, **values: Any) -> None:
         """Merge user metadata into the format record (written at the next commit)."""

@@ -178,13 +178,32 @@ def test_every_truncation_is_a_clean_error():
             codec.decode(data[:n])
 
 
-def test_huge_claimed_shape_does_not_allocate():
-    data = bytearray(codec.encode({"a": np.arange(4, dtype=np.int64)}))
-    # rewrite the first dimension in the array descriptor to 2**40 elements
-    pos = bytes(data).index((4).to_bytes(8, "little"), codec.PREFIX_SIZE)
-    data[pos:pos + 8] = (1 << 40).to_bytes(8, "little")
-    with pytest.raises(CorruptItemError, match="needs 8796093022208 bytes"):
-        codec.decode(data)
+def _with_header(data: bytes, edit) -> bytes:
+    """The item with its msgpack header edited (and a valid checksum, so only the bounds checks stand)."""
+    import msgpack
+    import xxhash
+    hlen = codec.read_prefix(data)[0]
+    header = msgpack.unpackb(data[codec.PREFIX_SIZE:codec.PREFIX_SIZE + hlen], strict_map_key=False)
+    edit(header)
+    new = msgpack.packb(header, use_bin_type=True)
+    body = new + data[codec.PREFIX_SIZE + hlen:]
+    return codec._PREFIX.pack(codec.MAGIC, codec.VERSION, 0, len(new), xxhash.xxh3_64_intdigest(body)) + body
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: h[2][0].__setitem__(6, [1 << 40]), "needs 8796093022208 bytes"),      # huge claimed shape
+    (lambda h: h[2][0].__setitem__(6, [-4]), "bad array shape"),
+    (lambda h: h[2][0].__setitem__(4, 1 << 62), "runs past the"),                    # offset out of bounds
+    (lambda h: h[2][0].__setitem__(2, 99), "unknown dtype code 99"),
+    (lambda h: h[2][0].__setitem__(3, 7), "unknown compression code 7"),
+    (lambda h: h[2].append(["b", 0, 1]), "malformed array descriptor"),
+    (lambda h: h.__setitem__(1, [1, 2]), "not a sample record"),
+    (lambda h: h.__setitem__(0, 5), "key is not a string"),
+])
+def test_crafted_headers_fail_cleanly_without_allocating(edit, match):
+    data = codec.encode({"a": np.arange(4, dtype=np.int64)}, "k")
+    with pytest.raises(CorruptItemError, match=match):
+        codec.decode(_with_header(data, edit))
 
 
 VALID = [codec.encode({"a": np.arange(20, dtype=np.float32).reshape(4, 5), "t": torch.ones(3, dtype=torch.bfloat16),

@@ -1,0 +1,394 @@
+"""Benchmarks: lmdbkit against the older ways and against the limits, measured in one run on the same items.
+
+Every figure is reported with its ratio to a baseline measured in the same run (absolute numbers vary
+between machines; ratios travel). Baselines:
+
+- pickle-in-LMDB, the older way: ``str(idx)`` keys in the main database, ``pickle.dumps`` of sample dicts
+  holding CPU tensors, one transaction per read;
+- per-batch ``.pt`` files (lists of 64 sample dicts written with ``torch.save``), whose item count is found
+  by loading every file at start-up, and whose random reads load a whole batch file for one item;
+- the limits: bare ``txn.get`` of the same keys (bytes out of the map, nothing decoded) and a plain memory
+  copy of the same byte counts from a buffer larger than the CPU caches.
+
+Run ``python -m lmdbkit.bench --help``; tests call the functions on tiny sizes and never assert timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import lmdb
+import numpy as np
+
+from . import codec, store
+from .reader import Reader
+from .writer import Writer
+
+KIB = 1024
+# item shapes: ~256 KiB complex64 STFT (257 bins x 128 frames) and ~1 KiB float32 features
+ITEM_KINDS = {
+    "stft256k": {"field": "stft", "shape": (257, 128), "dtype": "complex64"},
+    "small1k": {"field": "x", "shape": (256,), "dtype": "float32"},
+}
+PT_BATCH = 64
+
+
+def make_samples(kind: str, n: int, *, seed: int = 0, as_torch: bool = True) -> list[dict]:
+    """n deterministic samples of one item kind (see ITEM_KINDS), tensors by default."""
+    if kind not in ITEM_KINDS:
+        raise ValueError(f"item kind {kind!r} is unsupported. Supported kinds are {sorted(ITEM_KINDS)}")
+    spec = ITEM_KINDS[kind]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a = rng.standard_normal(int(np.prod(spec["shape"])) * (2 if spec["dtype"].startswith("complex") else 1),
+                                dtype=np.float32)
+        a = a.view(np.complex64) if spec["dtype"] == "complex64" else a
+        a = a.reshape(spec["shape"])
+        if as_torch:
+            import torch
+            a = torch.from_numpy(a)
+        out.append({spec["field"]: a, "label": i % 10})
+    return out
+
+
+# -- writers: lmdbkit and the baselines -------------------------------------------------------------
+
+def write_lmdbkit(path: Path, samples: list[dict], **kw) -> float:
+    """Seconds to write samples with lmdbkit.Writer (default options unless given)."""
+    t0 = time.perf_counter()
+    with Writer(path, mode="overwrite", **kw) as w:
+        for i, s in enumerate(samples):
+            w.append(s, key=str(i))
+    return time.perf_counter() - t0
+
+
+def _raw_env(path: Path, nbytes: int) -> lmdb.Environment:
+    if path.exists():
+        shutil.rmtree(path)
+    return lmdb.open(str(path), map_size=max(1 << 26, 2 * nbytes + (64 << 20)), readahead=False, meminit=False)
+
+
+def write_pickle_lmdb(path: Path, samples: list[dict], *, commit_every: int = 1000) -> float:
+    """Seconds to write samples the older way: str(idx) keys, pickle.dumps of the dict, big fixed map."""
+    env = _raw_env(path, sum(_payload_bytes(s) for s in samples))
+    t0 = time.perf_counter()
+    txn = env.begin(write=True)
+    for i, s in enumerate(samples):
+        txn.put(str(i).encode(), pickle.dumps(s))
+        if (i + 1) % commit_every == 0:
+            txn.commit()
+            txn = env.begin(write=True)
+    txn.put(b"__len__", str(len(samples)).encode())
+    txn.commit()
+    env.sync(True)
+    dt = time.perf_counter() - t0
+    env.close()
+    return dt
+
+
+def write_raw(path: Path, blobs: list[bytes], *, commit_every: int = 1000) -> float:
+    """Seconds for raw txn.put of pre-encoded bytes (the write limit), same commit cadence as lmdbkit."""
+    env = _raw_env(path, sum(map(len, blobs)))
+    t0 = time.perf_counter()
+    txn = env.begin(write=True)
+    for i, b in enumerate(blobs):
+        txn.put(store.pack_index(i), b, append=True)
+        if (i + 1) % commit_every == 0:
+            txn.commit()
+            txn = env.begin(write=True)
+    txn.commit()
+    env.sync(True)
+    dt = time.perf_counter() - t0
+    env.close()
+    return dt
+
+
+def write_pt_batches(path: Path, samples: list[dict], batch: int = PT_BATCH) -> float:
+    """Seconds to write per-batch .pt files (lists of sample dicts), as older scripts do."""
+    import torch
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for b in range(0, len(samples), batch):
+        torch.save(samples[b:b + batch], path / f"batch_{b // batch:06d}.pt")
+    return time.perf_counter() - t0
+
+
+def _payload_bytes(sample: dict) -> int:
+    return sum(getattr(v, "nbytes", 0) for v in sample.values())
+
+
+def du(path: Path) -> int:
+    """Bytes on disk (allocated blocks) of a file or directory."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_blocks * 512 for p in files)
+
+
+# -- readers ----------------------------------------------------------------------------------------
+
+class PickleLmdb:
+    """The older reader: str(idx) keys, pickle.loads per item, a transaction per read."""
+
+    def __init__(self, path: Path):
+        self.env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+        with self.env.begin() as txn:
+            self.n = int(txn.get(b"__len__"))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        with self.env.begin() as txn:
+            return pickle.loads(txn.get(str(i).encode()))
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class PtBatches:
+    """The older reader of per-batch .pt files: every file is loaded at start-up to count its items."""
+
+    def __init__(self, path: Path):
+        import torch
+        self.files = sorted(Path(path).glob("*.pt"))
+        self.counts = [len(torch.load(f, weights_only=False)) for f in self.files]
+        self.offsets = np.cumsum([0] + self.counts)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        import torch
+        b = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return torch.load(self.files[b], weights_only=False)[i - int(self.offsets[b])]
+
+    def close(self) -> None:
+        pass
+
+
+class BareGet:
+    """The read limit inside LMDB: txn.get of the same keys, bytes copied out, nothing decoded."""
+
+    def __init__(self, path: Path):
+        self.h = store.acquire(path, lock=False)  # shares the process's environment for this path
+        self.env, self.db = self.h.env, self.h.db(store.ITEMS)
+
+    def __getitem__(self, i: int):
+        with self.env.begin() as txn:
+            return txn.get(store.pack_index(i), db=self.db)
+
+    def close(self) -> None:
+        store.release(self.h)
+
+
+class MemcpyLimit:
+    """The memory limit: copy the same byte counts into a fresh array from a buffer larger than the caches."""
+
+    def __init__(self, nbytes_per_item: list[int], buffer_bytes: int = 512 << 20):
+        self.sizes = nbytes_per_item
+        self.src = np.ones(max(buffer_bytes, 4 * max(nbytes_per_item)), np.uint8)
+        self.rng = np.random.default_rng(0)
+        span = len(self.src) - max(nbytes_per_item)
+        self.offsets = self.rng.integers(0, span, 4096) & ~63
+
+    def __getitem__(self, i: int):
+        n = self.sizes[i % len(self.sizes)]
+        o = int(self.offsets[i % len(self.offsets)])
+        dst = np.empty(n, np.uint8)
+        dst[:] = self.src[o:o + n]
+        return dst
+
+    def close(self) -> None:
+        self.src = None
+
+
+def time_reads(get: Callable[[int], object], order: list[int], *, min_seconds: float = 0.3) -> float:
+    """Items per second for reading ``order`` (repeated until at least min_seconds have passed)."""
+    for i in order[: min(len(order), 32)]:  # warm up
+        get(i)
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for i in order:
+            get(i)
+        done += len(order)
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds:
+            return done / dt
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read every file of a database once so that the reads below hit the page cache."""
+    for p in ([path] if Path(path).is_file() else sorted(Path(path).rglob("*"))):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+
+
+# -- the suites -------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    measure: str
+    kind: str
+    method: str
+    value: float
+    unit: str
+    extra: dict = field(default_factory=dict)
+
+
+def bench_kind(kind: str, n: int, workdir: Path, *, reads: int = 2000, min_seconds: float = 0.3,
+               with_pt: bool = True) -> list[Result]:
+    """Write and read n items of one kind with every method; returns the raw results."""
+    import torch  # noqa: F401 - the baselines store tensors, as older scripts do
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    samples = make_samples(kind, n)
+    payload = sum(_payload_bytes(s) for s in samples)
+    res: list[Result] = []
+    paths = {"lmdbkit": workdir / f"{kind}.lmdb", "pickle_lmdb": workdir / f"{kind}-pickle.lmdb",
+             "raw_put": workdir / f"{kind}-raw.lmdb", "pt_batches": workdir / f"{kind}-pt"}
+
+    t = write_lmdbkit(paths["lmdbkit"], samples)
+    res.append(Result("write", kind, "lmdbkit", n / t, "items/s"))
+    t = write_pickle_lmdb(paths["pickle_lmdb"], samples)
+    res.append(Result("write", kind, "pickle_lmdb", n / t, "items/s"))
+    blobs = [codec.encode(s, str(i)) for i, s in enumerate(samples)]
+    t = write_raw(paths["raw_put"], blobs)
+    res.append(Result("write", kind, "raw_put", n / t, "items/s"))
+    if with_pt:
+        t = write_pt_batches(paths["pt_batches"], samples)
+        res.append(Result("write", kind, "pt_batches", n / t, "items/s"))
+    del blobs
+    for m, p in paths.items():
+        if p.exists():
+            res.append(Result("disk", kind, m, du(p) / payload, "x payload", {"bytes": du(p), "payload": payload}))
+
+    rng = np.random.default_rng(1)
+    random_order = rng.integers(0, n, reads).tolist()
+    seq_order = list(range(min(n, reads)))
+    sizes = [len(codec.encode(s)) for s in samples[:64]]
+    readers: dict[str, object] = {
+        "lmdbkit": Reader(paths["lmdbkit"], decode_to="torch"),
+        "pickle_lmdb": PickleLmdb(paths["pickle_lmdb"]),
+        "bare_txn_get": BareGet(paths["lmdbkit"]),
+        "memcpy": MemcpyLimit(sizes),
+    }
+    if with_pt:
+        readers["pt_batches"] = PtBatches(paths["pt_batches"])
+    for p in paths.values():
+        if p.exists():
+            warm_page_cache(p)
+    for name, r in readers.items():
+        for order_name, order in (("random", random_order), ("sequential", seq_order)):
+            ips = time_reads(r.__getitem__, order[: max(64, len(order) // 8)] if name == "pt_batches" else order,
+                             min_seconds=min_seconds)
+            res.append(Result(f"read_{order_name}", kind, name, ips, "items/s"))
+        r.close()
+    return res
+
+
+def bench_open(counts: list[int], workdir: Path, *, repeat: int = 20, with_pt: bool = True) -> list[Result]:
+    """Construct + len, in ms, for databases of each size (tiny items), against a .pt batch directory."""
+    res = []
+    for n in counts:
+        p = Path(workdir) / f"open-{n}.lmdb"
+        with Writer(p, mode="overwrite", commit_items=50_000, durable=False) as w:
+            for i in range(n):
+                w.append({"i": i})
+        best = min(_timed(lambda: len(Reader(p))) for _ in range(repeat))
+        res.append(Result("open", f"{n}", "lmdbkit", best * 1e3, "ms"))
+        if with_pt:
+            import torch
+            d = Path(workdir) / f"open-{n}-pt"
+            if d.exists():
+                shutil.rmtree(d)
+            d.mkdir(parents=True)
+            for b in range(0, n, PT_BATCH):
+                torch.save([{"i": torch.tensor(i)} for i in range(b, min(n, b + PT_BATCH))], d / f"b{b // PT_BATCH:07d}.pt")
+            best = min(_timed(lambda: len(PtBatches(d))) for _ in range(max(1, repeat // 10)))
+            res.append(Result("open", f"{n}", "pt_batches", best * 1e3, "ms"))
+    return res
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def ratios(results: list[Result]) -> dict[str, float]:
+    """The ratios the targets are stated in, computed from results of one run."""
+    v = {(r.measure, r.kind, r.method): r.value for r in results}
+    out = {}
+    for kind in ITEM_KINDS:
+        def get(m, meth):
+            return v.get((m, kind, meth))
+        for order in ("random", "sequential"):
+            lk = get(f"read_{order}", "lmdbkit")
+            for base in ("pickle_lmdb", "bare_txn_get", "memcpy", "pt_batches"):
+                b = get(f"read_{order}", base)
+                if lk and b:
+                    out[f"read_{order}/{kind}: lmdbkit / {base}"] = lk / b
+        w = get("write", "lmdbkit")
+        for base in ("pickle_lmdb", "raw_put", "pt_batches"):
+            if w and get("write", base):
+                out[f"write/{kind}: lmdbkit / {base}"] = w / get("write", base)
+        if get("disk", "lmdbkit"):
+            out[f"disk/{kind}: lmdbkit bytes / payload"] = get("disk", "lmdbkit")
+    return out
+
+
+def table(results: list[Result]) -> str:
+    rows = [f"{'measure':<16}{'items':<10}{'method':<14}{'value':>14}  unit"]
+    for r in results:
+        rows.append(f"{r.measure:<16}{r.kind:<10}{r.method:<14}{r.value:>14.4g}  {r.unit}")
+    return "\n".join(rows)
+
+
+def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 20000, open_counts=(1000, 10_000, 100_000),
+        reads: int = 2000, min_seconds: float = 0.3, with_pt: bool = True) -> dict:
+    """The whole suite; writes summary.json into output_dir and returns it."""
+    out = Path(output_dir)
+    work = out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    for kind, n in (("stft256k", n_stft), ("small1k", n_small)):
+        results += bench_kind(kind, n, work, reads=reads, min_seconds=min_seconds, with_pt=with_pt)
+    results += bench_open(list(open_counts), work, with_pt=with_pt)
+    summary = {"results": [asdict(r) for r in results], "ratios": ratios(results)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lmdbkit.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output-dir", default="runs/bench", help="where summary.json goes (default: runs/bench)")
+    ap.add_argument("--n-stft", type=int, default=2000, help="number of ~256 KiB complex64 items")
+    ap.add_argument("--n-small", type=int, default=20000, help="number of ~1 KiB items")
+    ap.add_argument("--full", action="store_true", help="also time open for 1M items")
+    ap.add_argument("--no-pt", action="store_true", help="skip the per-batch .pt baseline")
+    a = ap.parse_args(argv)
+    counts = (1000, 10_000, 100_000, 1_000_000) if a.full else (1000, 10_000, 100_000)
+    s = run(a.output_dir, n_stft=a.n_stft, n_small=a.n_small, open_counts=counts, with_pt=not a.no_pt)
+    print(table([Result(**r) for r in s["results"]]))
+    print()
+    for k, v in s["ratios"].items():
+        print(f"{k:<55}{v:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
