@@ -21,7 +21,7 @@ $(VENV)/.setup-done: pyproject.toml
 setup: $(VENV)/.setup-done
 
 demo: setup
-	$(PY) -m lmdbkit.demo_run --output-dir $(RUNS)
+	$(PY) -m lmdbkit.notebooks demo --runs $(RUNS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -44,6 +44,18 @@ def index_value(value: Any, *, field: str, key: object = None) -> bytes:
     return json.dumps(value, ensure_ascii=False).encode()
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested settings as one level of dotted names, for side-by-side comparison."""
+    out = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
 def _version() -> str:
     from . import __version__
     return __version__
@@ -65,8 +77,9 @@ class Writer:
                      an OS crash or power cut can lose the commits since the last sync (LMDB stays
                      consistent on filesystems that keep write order).
       index_fields:  fields with a secondary index (int/str/bool values), for Reader.query.
-      metadata:      user metadata (JSON) stored in the format record, e.g. an STFT config. On append it
-                     must equal the stored one, else ConfigMismatchError.
+      metadata:      user metadata (JSON) stored in the format record, e.g. an STFT config. On append,
+                     every key given must equal the stored value, else ConfigMismatchError (stored and
+                     requested values side by side); keys not given are kept.
       compression:   None (default) or one of codec.COMPRESSORS.
     """
 
@@ -105,6 +118,8 @@ class Writer:
             stored = store.read_meta(self._h)
             if mode == "append" and stored is not None:
                 self._resume(stored, metadata)
+                # from here on the database is unfinished: new readers must use locking
+                store.write_metadata_json(self.path, dict(self.meta, complete=False))
             else:
                 if mode == "append" and store.looks_legacy(self._h):
                     raise UnsafeFormatError(f"{self.path} is a legacy pickle-in-LMDB database; append to it is "
@@ -151,13 +166,6 @@ class Writer:
                 raise DatabaseBusyError(f"{p} is open in this process; close its readers before overwriting it")
             shutil.rmtree(p)
             p.mkdir(parents=True)
-        elif mode == "append":
-            try:  # readers of an unfinished database must use locking
-                meta = json.loads((p / store.METADATA_JSON).read_text())
-                meta["complete"] = False
-                store.write_metadata_json(p, meta)
-            except (OSError, ValueError):
-                pass
 
     def _open_dbs(self) -> None:
         h = self._h
@@ -169,9 +177,14 @@ class Writer:
                        for f in self.index_fields}
 
     def _resume(self, stored: dict, metadata: dict | None) -> None:
-        if metadata is not None and stored.get("metadata") != metadata:
-            raise ConfigMismatchError(str(self.path), stored.get("metadata", {}), metadata,
-                                      "Continue with the stored settings, or pass mode='overwrite' to start over")
+        stored_md = stored.get("metadata", {})
+        if metadata is not None:
+            requested = flatten(json.loads(json.dumps(metadata)))
+            before = flatten({k: stored_md.get(k) for k in metadata})
+            if requested != before:
+                raise ConfigMismatchError(str(self.path), before, requested,
+                                          "Continue with the stored settings, or pass mode='overwrite' to start over")
+            stored = dict(stored, metadata=dict(stored_md, **metadata))
         if self.index_fields and list(self.index_fields) != stored.get("index_fields", []):
             raise ConfigMismatchError(str(self.path), {"index_fields": stored.get("index_fields")},
                                       {"index_fields": list(self.index_fields)},

@@ -1,0 +1,71 @@
+"""Run the project's notebooks with papermill: one at a time, or all four in order for the demo.
+
+``python -m lmdbkit.notebooks demo --runs runs/demo`` runs every notebook on the embedded demo corpus with
+``params/demo/<notebook>.yaml``, writing executed copies to ``runs/demo/<notebook>.ipynb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import LmdbkitError
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+PARAMS = ROOT / "params"
+ORDER = ("precompute", "inspect", "benchmark", "train_smoke_test")
+
+
+def available() -> list[str]:
+    """The notebooks of ORDER that exist in this checkout, in order."""
+    return [n for n in ORDER if (NOTEBOOKS / f"{n}.ipynb").exists()]
+
+
+def run(name: str, output: str | Path, *, profile: str | None = "demo", parameters: dict | None = None,
+        cwd: str | Path = ROOT, progress: bool = False) -> Path:
+    """Execute notebooks/<name>.ipynb into ``output`` with params/<profile>/<name>.yaml plus ``parameters``."""
+    import papermill as pm
+    import yaml
+    src = NOTEBOOKS / f"{name}.ipynb"
+    if not src.exists():
+        raise LmdbkitError(f"no notebook {src}; notebooks are {available()}")
+    params = {}
+    if profile is not None:
+        pfile = PARAMS / profile / f"{name}.yaml"
+        if not pfile.exists():
+            raise LmdbkitError(f"no parameter file {pfile}; profiles are {sorted(p.name for p in PARAMS.iterdir())}")
+        params = yaml.safe_load(pfile.read_text()) or {}
+    params.update(parameters or {})
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(src), str(output), parameters=params, cwd=str(cwd), kernel_name="python3",
+                        progress_bar=progress, log_output=False)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lmdbkit.notebooks", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", nargs="?", default="demo", help="'demo' (all notebooks in order) or one notebook's name")
+    ap.add_argument("--runs", default="runs/demo", help="folder for the executed notebooks (default runs/demo)")
+    ap.add_argument("--profile", default="demo", help="parameter profile: a folder of params/ (default demo)")
+    a = ap.parse_args(argv)
+    names = available() if a.what == "demo" else [a.what]
+    for name in names:
+        t0 = time.perf_counter()
+        out = Path(a.runs) / f"{name}.ipynb"
+        print(f"running notebooks/{name}.ipynb -> {out} ...", flush=True)
+        try:
+            run(name, out, profile=a.profile)
+        except Exception as exc:
+            print(f"FAILED: notebooks/{name}.ipynb: {exc}\nThe executed notebook with the error is {out}",
+                  file=sys.stderr)
+            return 1
+        print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

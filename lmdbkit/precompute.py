@@ -1,0 +1,390 @@
+"""Precompute: a folder of audio becomes ``train``/``val``/``test`` LMDB databases of STFT items.
+
+Decoding (soundfile), mixing and resampling (soxr) run in DataLoader worker processes, one file per
+worker task; the main process computes the STFT of whole batches on the device (CPU or CUDA) and the
+Writer commits file by file. A commit never splits a file, so a run killed at any moment and started
+again with the same parameters skips the files already written and finishes with every file present
+exactly once. Bad files are skipped and reported with their reasons (``strict=True`` stops at the
+first). ``shard_index``/``num_shards`` (from torchrun's RANK/WORLD_SIZE when set) split the file list by
+a stable hash into ``<split>-<i>-of-<n>.lmdb``.
+
+Run it from ``notebooks/precompute.ipynb``, from Python (``lmdbkit.precompute.precompute(...)``) or
+from the command line (``python -m lmdbkit.precompute --help``; also under ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import audio, demo, store
+from .errors import AudioDecodeError, LmdbkitError
+from .reader import Reader
+from .stft import StftConfig, compute, resolve_device
+from .writer import MODES, Writer
+
+DEFAULT_DEMO_DIR = "runs/demo/corpus"
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """How audio becomes the STFT's input; compared on resume like the StftConfig."""
+
+    sample_rate: int = 16000
+    mono: str = "mean"
+    segment_seconds: float | None = None
+    segment_hop_seconds: float | None = None
+    pad_last: bool = False
+
+    def __post_init__(self):
+        if self.mono not in audio.MONO_POLICIES:
+            raise LmdbkitError(f"mono={self.mono!r} is unsupported. Supported policies are {list(audio.MONO_POLICIES)}")
+        for name in ("segment_seconds", "segment_hop_seconds"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise LmdbkitError(f"{name}={v!r}: give a positive number of seconds, or None")
+        if self.segment_hop_seconds is not None and self.segment_seconds is None:
+            raise LmdbkitError("segment_hop_seconds is set but segment_seconds is None; set both, or neither")
+
+
+class _Files(Dataset):
+    """Decoded, mixed, resampled and segmented files; a bad file comes back as its reason, never raises."""
+
+    def __init__(self, root: Path, sources: list[audio.Source], cfg: AudioConfig):
+        self.root, self.sources, self.cfg = root, sources, cfg
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.sources[i]
+        c = self.cfg
+        try:
+            segs, spans, sr, dur = audio.load_segments(self.root / s.path, sample_rate=c.sample_rate, mono=c.mono,
+                                                       segment_seconds=c.segment_seconds,
+                                                       hop_seconds=c.segment_hop_seconds, pad_last=c.pad_last)
+        except AudioDecodeError as exc:
+            return {"source": s, "error": str(exc)}
+        except Exception as exc:  # anything else a broken file provokes in a decoder
+            return {"source": s, "error": f"{self.root / s.path}: {type(exc).__name__}: {exc}"}
+        return {"source": s, "segments": segs, "spans": spans, "orig_sample_rate": sr, "duration_s": dur}
+
+
+def _collate(batch: list) -> list:
+    return batch
+
+
+def _shard_from_env(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+    if shard_index is None and num_shards is None and "WORLD_SIZE" in os.environ:
+        shard_index, num_shards = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    num_shards = 1 if num_shards is None else num_shards
+    shard_index = 0 if shard_index is None else shard_index
+    if not isinstance(num_shards, int) or num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise LmdbkitError(f"shard_index={shard_index}, num_shards={num_shards}: give 0 <= shard_index < num_shards")
+    return shard_index, num_shards
+
+
+def db_name(split: str, shard_index: int, num_shards: int) -> str:
+    return f"{split}.lmdb" if num_shards == 1 else f"{split}-{shard_index}-of-{num_shards}.lmdb"
+
+
+def _existing_labels(out: Path) -> dict[str, int]:
+    """The label map stored by an earlier run in this output folder (any split, any shard)."""
+    if not out.is_dir():
+        return {}
+    for p in sorted(out.glob("*.lmdb")):
+        try:
+            with Reader(p) as r:
+                labels = r.metadata.get("labels")
+        except LmdbkitError:
+            continue
+        if labels:
+            return labels
+    return {}
+
+
+def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | os.PathLike = "runs/demo/data",
+               manifest: str | os.PathLike | None = None, demo_dir: str | os.PathLike = DEFAULT_DEMO_DIR,
+               map_size_gb: float | None = None, max_size_gb: float | None = None,
+               sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
+               segment_hop_seconds: float | None = None, pad_last: bool = False,
+               n_fft: int = 512, hop_length: int = 128, win_length: int | None = None, window: str = "hann",
+               center: bool = True, output: str = "complex", dtype: str = "complex64",
+               splits: dict[str, float] | None = None, split_seed: int = 0, num_workers: int = 2,
+               batch_size: int = 16, device: str = "auto", limit: int | None = None, strict: bool = False,
+               mode: str = "append", shard_index: int | None = None, num_shards: int | None = None,
+               index_fields: Iterable[str] = ("label", "label_name"), durable: bool = True,
+               demo_clips_per_class: int = 40, progress: bool = True) -> dict[str, Any]:
+    """Audio folder -> ``<output_dir>/<split>.lmdb``. Returns the run's summary (also stored in each database).
+
+    With no ``audio_dir`` the embedded demo corpus is generated into ``demo_dir`` and used. ``mode``:
+    "append" (default: create, or resume an earlier run with the same settings), "overwrite" (start over)
+    or "create" (refuse existing databases). See the parameters cell of notebooks/precompute.ipynb.
+    """
+    t_start = time.perf_counter()
+    stft_cfg = StftConfig(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
+                          window=window, center=center, output=output, dtype=dtype)
+    audio_cfg = AudioConfig(sample_rate=sample_rate, mono=mono, segment_seconds=segment_seconds,
+                            segment_hop_seconds=segment_hop_seconds, pad_last=pad_last)
+    splits = audio.check_splits(splits or audio.DEFAULT_SPLITS)
+    if mode not in MODES:
+        raise LmdbkitError(f"mode={mode!r} is unsupported. Supported modes are {list(MODES)}")
+    for name, v, lo in (("num_workers", num_workers, 0), ("batch_size", batch_size, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise LmdbkitError(f"{name}={v!r}: give an integer >= {lo}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise LmdbkitError(f"limit={limit!r}: give a positive number of files, or None for all")
+    dev = resolve_device(device)
+    shard_index, num_shards = _shard_from_env(shard_index, num_shards)
+
+    root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir, n_per_class=demo_clips_per_class)
+    sources = audio.discover(root, manifest=manifest)
+    if limit is not None:
+        sources = sources[:limit]
+    if not sources:
+        raise LmdbkitError(f"no audio files under {root} (looked for {', '.join(audio.AUDIO_EXTENSIONS)}); "
+                           "check audio_dir, or give a manifest")
+    for s in sources:
+        if s.split is not None and s.split not in splits:
+            raise LmdbkitError(f"manifest split {s.split!r} for {s.path} is not one of splits={list(splits)}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = audio.label_map((s.label_name for s in sources), {} if mode == "overwrite" else _existing_labels(out))
+    split_of = {s.path: s.split or audio.assign_split(s.path, splits, split_seed) for s in sources}
+    mine = [s for s in sources if num_shards == 1 or audio.shard_of(s.path, num_shards) == shard_index]
+
+    settings = {"kind": "stft", "stft": stft_cfg.to_dict(), "audio": audio_cfg.__dict__.copy(),
+                "splits": splits, "split_seed": split_seed}
+    writers: dict[str, Writer] = {}
+    try:
+        for split in splits:
+            w = Writer(out / db_name(split, shard_index, num_shards), mode=mode, map_size_gb=map_size_gb,
+                       max_size_gb=max_size_gb, metadata=settings, index_fields=tuple(index_fields), durable=durable)
+            writers[split] = w
+            w.set_metadata(labels=labels, shard={"index": shard_index, "count": num_shards})
+        pending = [s for s in mine if not writers[split_of[s.path]].has_source(s.path)]
+        stats = _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, num_workers=num_workers,
+                     batch_size=batch_size, strict=strict, progress=progress)
+        summary = _summary(writers, root, out, stats, len(mine) - len(pending), time.perf_counter() - t_start,
+                           stft_cfg, dev, shard_index, num_shards, num_workers)
+        for w in writers.values():
+            w.set_metadata(summary=summary)
+    except BaseException:
+        for w in writers.values():
+            w.abort() if not w.closed else None
+        raise
+    for w in writers.values():
+        w.close()
+    for split, w in writers.items():  # bytes on disk, now that everything is synced
+        summary["splits"][split]["bytes"] = _du(w.path)
+    return summary
+
+
+def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, num_workers, batch_size,
+         strict, progress) -> dict:
+    stats = {"files": 0, "items": 0, "audio_seconds": 0.0, "skipped": [], "stft_seconds": 0.0,
+             "write_seconds": 0.0, "wait_seconds": 0.0}
+    if not pending:
+        return stats
+    loader = DataLoader(_Files(root, pending, audio_cfg), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, persistent_workers=False,
+                        prefetch_factor=4 if num_workers else None)
+    bar = tqdm(total=len(pending), unit="file", desc="precompute", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    t_wait = time.perf_counter()
+    try:
+        for batch in loader:
+            stats["wait_seconds"] += time.perf_counter() - t_wait
+            good = []
+            for rec in batch:
+                if "error" in rec:
+                    if strict:
+                        raise AudioDecodeError(f"{rec['error']} (strict=True stops at the first bad file; "
+                                               "strict=False skips and reports bad files)")
+                    reason = rec["error"].removeprefix(f"{root / rec['source'].path}: ")
+                    stats["skipped"].append({"path": rec["source"].path, "reason": reason})
+                else:
+                    good.append(rec)
+            ts = time.perf_counter()
+            specs = _batched_stft([seg for rec in good for seg in rec["segments"]], stft_cfg, dev)
+            stats["stft_seconds"] += time.perf_counter() - ts
+            ts = time.perf_counter()
+            k = 0
+            for rec in good:
+                s: audio.Source = rec["source"]
+                n = len(rec["segments"])
+                samples = []
+                for j, ((start, valid), spec) in enumerate(zip(rec["spans"], specs[k:k + n])):
+                    samples.append((f"{s.path}#{j}", {
+                        "stft": spec, "label": labels[s.label_name], "label_name": s.label_name, "path": s.path,
+                        "segment": j, "offset_s": start / audio_cfg.sample_rate,
+                        "duration_s": valid / audio_cfg.sample_rate, "sample_rate": audio_cfg.sample_rate,
+                        "orig_sample_rate": rec["orig_sample_rate"]}))
+                k += n
+                writers[split_of[s.path]].append_source(
+                    s.path, samples, info={"duration_s": rec["duration_s"], "orig_sample_rate": rec["orig_sample_rate"]})
+                stats["files"] += 1
+                stats["items"] += n
+                stats["audio_seconds"] += rec["duration_s"]
+            stats["write_seconds"] += time.perf_counter() - ts
+            bar.update(len(batch))
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(audio_s_per_s=f"{stats['audio_seconds'] / dt:.0f}", skipped=len(stats["skipped"]))
+            t_wait = time.perf_counter()
+    finally:
+        bar.close()
+    stats["loop_seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _batched_stft(segs: list[np.ndarray], cfg: StftConfig, dev: torch.device) -> list[torch.Tensor]:
+    """STFT of every segment, batched by length (so each item equals its own STFT); CPU tensors out."""
+    out: list[torch.Tensor | None] = [None] * len(segs)
+    by_len: dict[tuple, list[int]] = {}
+    for i, s in enumerate(segs):
+        by_len.setdefault(s.shape, []).append(i)
+    for shape, idx in by_len.items():
+        x = torch.from_numpy(np.stack([segs[i] for i in idx]))
+        if dev.type == "cuda":
+            x = x.pin_memory()
+        spec = compute(x, cfg, dev).cpu()
+        if shape[0] == 1:
+            spec = spec[:, 0]  # one channel: items are [freqs, frames]
+        for j, i in enumerate(idx):
+            out[i] = spec[j].clone() if len(idx) > 1 else spec[j]
+    return out
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in Path(path).iterdir() if p.is_file())
+
+
+def _summary(writers, root, out, stats, resumed_files, elapsed, stft_cfg, dev, shard_index, num_shards,
+             num_workers) -> dict:
+    splits = {}
+    for split, w in writers.items():
+        w.commit()  # so that sources() lists this run's files too
+        srcs = w.sources()
+        splits[split] = {"database": str(w.path), "items": len(w), "files": len(srcs),
+                         "audio_hours": sum(v.get("duration_s", 0.0) for v in srcs.values()) / 3600, "bytes": None}
+    loop = stats.get("loop_seconds") or 0.0
+    return {
+        "audio_dir": str(root), "output_dir": str(out), "device": str(dev), "num_workers": num_workers,
+        "shard": {"index": shard_index, "count": num_shards},
+        "stft": stft_cfg.to_dict(), "splits": splits,
+        "files_processed": stats["files"], "files_resumed": resumed_files, "items_written": stats["items"],
+        "audio_seconds": stats["audio_seconds"], "skipped": stats["skipped"], "elapsed_seconds": elapsed,
+        "audio_seconds_per_second": stats["audio_seconds"] / loop if loop else None,
+        "files_per_second": stats["files"] / loop if loop else None,
+        "time_split": {k: stats[k] for k in ("wait_seconds", "stft_seconds", "write_seconds")} | {"loop_seconds": loop},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run table: items, files, audio hours and bytes per split, and files skipped."""
+    rows = [f"{'split':<10}{'files':>7}{'items':>8}{'audio h':>10}{'MiB':>10}"]
+    for split, d in summary["splits"].items():
+        mib = (d["bytes"] or 0) / 2**20
+        rows.append(f"{split:<10}{d['files']:>7}{d['items']:>8}{d['audio_hours']:>10.3f}{mib:>10.1f}")
+    rate = summary.get("audio_seconds_per_second")
+    rows.append(f"processed {summary['files_processed']} files this run ({summary['files_resumed']} already done)"
+                + (f", {rate:.0f} audio-seconds/s on {summary['device']}" if rate else ""))
+    rows.append(f"skipped {len(summary['skipped'])} files" + (":" if summary["skipped"] else ""))
+    rows += [f"  {s['path']}: {s['reason']}" for s in summary["skipped"]]
+    return "\n".join(rows)
+
+
+def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | os.PathLike = DEFAULT_DEMO_DIR,
+                manifest=None, sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
+                segment_hop_seconds: float | None = None, pad_last: bool = False, num_workers: int = 2,
+                batch_size: int = 16, limit: int | None = None) -> dict:
+    """The decode stage alone (same loader, same workers, no STFT, no writing): audio-seconds per second.
+
+    The ceiling for precompute on this machine; compare with a precompute summary's audio_seconds_per_second.
+    """
+    cfg = AudioConfig(sample_rate=sample_rate, mono=mono, segment_seconds=segment_seconds,
+                      segment_hop_seconds=segment_hop_seconds, pad_last=pad_last)
+    root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir)
+    sources = audio.discover(root, manifest=manifest)[:limit]
+    loader = DataLoader(_Files(root, sources, cfg), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, prefetch_factor=4 if num_workers else None)
+    t0 = time.perf_counter()
+    secs = sum(rec.get("duration_s", 0.0) for batch in loader for rec in batch)
+    dt = time.perf_counter() - t0
+    return {"files": len(sources), "audio_seconds": secs, "seconds": dt, "audio_seconds_per_second": secs / dt,
+            "num_workers": num_workers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (also under torchrun: each rank writes its shard)."""
+    ap = argparse.ArgumentParser(prog="python -m lmdbkit.precompute", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--audio-dir", help="folder of audio, one subfolder per class (default: the demo corpus)")
+    ap.add_argument("--output-dir", default="runs/demo/data")
+    ap.add_argument("--manifest")
+    ap.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR)
+    ap.add_argument("--map-size-gb", type=float)
+    ap.add_argument("--sample-rate", type=int, default=16000)
+    ap.add_argument("--mono", default="mean", choices=audio.MONO_POLICIES)
+    ap.add_argument("--segment-seconds", type=float)
+    ap.add_argument("--segment-hop-seconds", type=float)
+    ap.add_argument("--pad-last", action="store_true")
+    ap.add_argument("--n-fft", type=int, default=512)
+    ap.add_argument("--hop-length", type=int, default=128)
+    ap.add_argument("--win-length", type=int)
+    ap.add_argument("--window", default="hann")
+    ap.add_argument("--no-center", dest="center", action="store_false")
+    ap.add_argument("--output", default="complex")
+    ap.add_argument("--dtype", default="complex64")
+    ap.add_argument("--splits", type=json.loads, help='JSON, e.g. \'{"train": 0.8, "val": 0.1, "test": 0.1}\'')
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--strict", action="store_true")
+    ap.add_argument("--mode", default="append", choices=MODES)
+    ap.add_argument("--shard-index", type=int)
+    ap.add_argument("--num-shards", type=int)
+    ap.add_argument("--demo-clips-per-class", type=int, default=40)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    a = vars(ap.parse_args(argv))
+    try:
+        summary = precompute(a.pop("audio_dir"), **a)
+    except LmdbkitError as exc:
+        ap.exit(2, f"error: {exc}\n")
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def check_outputs(summary: dict) -> None:
+    """Fail loudly (LmdbkitError) if a split is empty or the databases disagree with the summary."""
+    problems = []
+    for split, d in summary["splits"].items():
+        with Reader(d["database"]) as r:
+            n, files = len(r), r.metadata.get("summary", {}).get("splits", {}).get(split, {}).get("files")
+            if not r.meta.get("complete"):
+                problems.append(f"{d['database']} is not marked complete")
+            keys = r.keys()
+        if n == 0:
+            problems.append(f"split {split!r} is empty ({d['database']}); add audio or change splits")
+        if n != d["items"] or len(keys) != n:
+            problems.append(f"split {split!r}: the summary says {d['items']} items, {d['database']} holds {n} "
+                            f"({len(keys)} keys)")
+        if files != d["files"]:
+            problems.append(f"split {split!r}: the summary says {d['files']} files, the database's record {files}")
+    if problems:
+        raise LmdbkitError("precompute output check failed:\n  " + "\n  ".join(problems))
