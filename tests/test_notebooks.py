@@ -1,0 +1,69 @@
+"""The notebooks: committed clean, parameterized, and run for real through papermill with params/ci/."""
+
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from lmdbkit import notebooks
+
+NAMES = notebooks.available()
+
+
+def test_all_four_notebooks_exist_eventually():
+    assert "precompute" in NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_clean_and_parameterized(name):
+    nb = nbformat.read(notebooks.NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    first, params = nb.cells[0], nb.cells[1]
+    assert first.cell_type == "markdown" and "papermill notebooks/" in first.source
+    assert params.cell_type == "code" and "parameters" in params.metadata.get("tags", [])
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: committed with outputs"
+    for line in params.source.splitlines():
+        if line and not line.startswith("#"):
+            assert ": " in line.split("=")[0] and "#" in line, f"{name}: parameter without type or comment: {line}"
+    helptext = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(notebooks.NOTEBOOKS / f"{name}.ipynb")],
+                              capture_output=True, text=True).stdout
+    n_params = sum(1 for line in params.source.splitlines() if line and not line.startswith("#"))
+    assert helptext.count(" (default ") == n_params, helptext
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ci_params_exist(name):
+    assert (notebooks.PARAMS / "ci" / f"{name}.yaml").exists() and (notebooks.PARAMS / "demo" / f"{name}.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    """precompute.ipynb run once with params/ci (the other notebooks' tests reuse its databases)."""
+    base = tmp_path_factory.mktemp("nb")
+    data = base / "data"
+    notebooks.run("precompute", base / "precompute.ipynb", profile="ci",
+                  parameters={"output_dir": str(data), "demo_dir": str(base / "corpus")})
+    return base, data
+
+
+def test_precompute_notebook(ci_run):
+    base, data = ci_run
+    summary = json.loads((data / "summary.json").read_text())
+    assert {d["items"] > 0 for d in summary["splits"].values()} == {True}
+    assert summary["decode_only"]["audio_seconds_per_second"] > 0 and len(summary["skipped"]) == 3
+    assert (data / "class_balance.png").stat().st_size > 1000
+    executed = nbformat.read(base / "precompute.ipynb", as_version=4)
+    assert any("train" in "".join(o.get("text", "") for o in c.get("outputs", [])) for c in executed.cells)
+
+
+def test_failing_invariant_fails_the_papermill_run(tmp_path):
+    import papermill
+    with pytest.raises(papermill.PapermillExecutionError, match="split 'val' is empty"):
+        notebooks.run("precompute", tmp_path / "p.ipynb", profile="ci",
+                      parameters={"output_dir": str(tmp_path / "d"), "demo_dir": str(tmp_path / "c"),
+                                  "demo_clips_per_class": 2, "splits": {"train": 1.0, "val": 0.0},
+                                  "segment_seconds": None, "segment_hop_seconds": None, "measure_decode_only": False})

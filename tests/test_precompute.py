@@ -1,0 +1,214 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import lmdbkit
+from lmdbkit import audio, demo
+from lmdbkit.errors import AudioDecodeError, ConfigMismatchError, LmdbkitError
+from lmdbkit.precompute import check_outputs, format_summary, precompute
+
+FAST = dict(num_workers=0, progress=False, n_fft=256, hop_length=128)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return demo.make_corpus(tmp_path_factory.mktemp("corpus"), n_per_class=4)
+
+
+def _keys(out, pattern="*.lmdb"):
+    keys = []
+    for p in sorted(out.glob(pattern)):
+        with lmdbkit.Reader(p) as r:
+            keys += r.keys()
+    return keys
+
+
+def test_end_to_end_items_meta_and_skips(corpus, tmp_path):
+    out = tmp_path / "out"
+    s = precompute(corpus, output_dir=out, **FAST)
+    good = [x for x in audio.discover(corpus) if x.path not in {b["path"] for b in s["skipped"]}]
+    assert len(good) == 32 and sorted(b["path"] for b in s["skipped"]) == [
+        "chirp_up/not_audio.flac", "clicks_fast/zero_length.wav", "tone_low/empty.wav"]
+    assert {b["reason"] for b in s["skipped"]} == {"empty file (0 bytes)", "no audio frames (zero-length audio)",
+                                                   "not decodable audio (Error opening '%s': Format not recognised.)"
+                                                   % (corpus / "chirp_up/not_audio.flac")}
+    keys = _keys(out)
+    assert sorted(keys) == sorted(f"{x.path}#0" for x in good)  # one item per file, every file once
+    ds = lmdbkit.LMDBDataset(out / "train.lmdb")
+    item = ds[0]
+    assert set(item) == {"stft", "label", "label_name", "path", "segment", "offset_s", "duration_s", "sample_rate",
+                         "orig_sample_rate"}
+    assert item["stft"].dtype == torch.complex64 and item["stft"].shape[0] == 129
+    md = ds.meta["metadata"]
+    assert md["stft"]["n_fft"] == 256 and md["labels"][item["label_name"]] == item["label"]
+    assert item["orig_sample_rate"] in demo.RATES and item["sample_rate"] == 16000
+    assert ds.key_of(0) == f"{item['path']}#0"
+    expected_frames = lmdbkit.stft.StftConfig(n_fft=256, hop_length=128).num_frames(round(item["duration_s"] * 16000))
+    assert item["stft"].shape[1] == expected_frames
+    on_disk = json.loads((out / "train.lmdb" / "metadata.json").read_text())
+    assert on_disk["metadata"]["stft"]["hop_length"] == 128 and len(on_disk["metadata"]["summary"]["skipped"]) == 3
+    assert sum(d["items"] for d in s["splits"].values()) == 32 and all(d["bytes"] > 0 for d in s["splits"].values())
+    table = format_summary(s)
+    assert "train" in table and "skipped 3 files" in table and "tone_low/empty.wav: empty file" in table
+    check_outputs(s)
+
+
+def test_item_matches_direct_stft_of_decoded_file(corpus, tmp_path):
+    out = tmp_path / "out"
+    precompute(corpus, output_dir=out, **FAST, limit=6)
+    r = lmdbkit.Reader(out / "train.lmdb", decode_to="torch")
+    item = r[0]
+    x, sr = audio.decode(corpus / item["path"])
+    x = audio.resample(audio.mix(x, "mean"), sr, 16000)
+    ref = torch.stft(torch.from_numpy(x[0]), 256, 128, window=torch.hann_window(256), return_complex=True)
+    assert torch.allclose(item["stft"], ref.to(torch.complex64), atol=1e-4)
+
+
+def test_segments_and_db_output(corpus, tmp_path):
+    s = precompute(corpus, output_dir=tmp_path / "o", segment_seconds=0.25, segment_hop_seconds=0.125, pad_last=True,
+                   output="db", dtype="float16", **FAST)
+    with lmdbkit.Reader(tmp_path / "o" / "train.lmdb", decode_to="torch") as r:
+        shapes = {tuple(x["stft"].shape) for x in r}
+        assert shapes == {(129, 32)} and r[0]["stft"].dtype == torch.float16
+        segs = [x for x in r if x["path"] == r[0]["path"]]
+        assert [x["segment"] for x in segs] == list(range(len(segs))) and len(segs) >= 4
+        assert np.allclose([x["offset_s"] for x in segs], 0.125 * np.arange(len(segs)))
+        assert segs[-1]["duration_s"] <= 0.25
+    assert s["items_written"] > 4 * s["files_processed"]
+
+
+def test_strict_stops_at_first_bad_file(corpus, tmp_path):
+    with pytest.raises(AudioDecodeError, match=r"chirp_up/not_audio.flac: not decodable audio.*strict=True"):
+        precompute(corpus, output_dir=tmp_path / "o", strict=True, **FAST)
+
+
+def test_config_mismatch_and_overwrite(corpus, tmp_path):
+    out = tmp_path / "o"
+    precompute(corpus, output_dir=out, **FAST, limit=8)
+    with pytest.raises(ConfigMismatchError, match=r"(?s)stft.hop_length\s+128\s+64"):
+        precompute(corpus, output_dir=out, **dict(FAST, hop_length=64), limit=8)
+    before = sorted(_keys(out))
+    assert json.loads((out / "train.lmdb" / "metadata.json").read_text())["complete"] is True  # refused: untouched
+    s = precompute(corpus, output_dir=out, **dict(FAST, hop_length=64), limit=8, mode="overwrite")
+    assert sorted(_keys(out)) == before and s["stft"]["hop_length"] == 64
+
+
+def test_resume_adds_only_new_files_and_keeps_splits(corpus, tmp_path):
+    src = tmp_path / "audio"
+    shutil.copytree(corpus, src)
+    out = tmp_path / "o"
+    precompute(src, output_dir=out, **FAST)
+    where = {k: p.name for p in out.glob("*.lmdb") for k in _keys(out, p.name)}
+    x = np.sin(np.arange(8000) / 7).astype(np.float32)
+    for i in range(5):
+        sf.write(src / "tone_low" / f"new_{i}.wav", x, 16000)
+    (src / "zebra").mkdir()
+    sf.write(src / "zebra" / "z.wav", x, 16000)
+    s = precompute(src, output_dir=out, **FAST)
+    assert s["files_processed"] == 6 and s["files_resumed"] == 32
+    after = {k: p.name for p in out.glob("*.lmdb") for k in _keys(out, p.name)}
+    assert all(after[k] == v for k, v in where.items())  # no existing file moved to another split
+    assert len(after) == len(where) + 6
+    labels = lmdbkit.Reader(out / "train.lmdb").metadata["labels"]
+    assert labels["zebra"] == 8 and labels["chirp_down"] == 0  # new label appended, old ones kept
+
+
+def test_manifest_splits(corpus, tmp_path):
+    files = [x for x in audio.discover(corpus) if "empty" not in x.path and "not_audio" not in x.path
+             and "zero_length" not in x.path][:9]
+    rows = ["path,label,split"] + [f"{x.path},{'a' if i % 2 else 'b'},{('train', 'val', 'test')[i % 3]}"
+                                   for i, x in enumerate(files)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    precompute(corpus, output_dir=tmp_path / "o", manifest=tmp_path / "m.csv", **FAST)
+    with lmdbkit.Reader(tmp_path / "o" / "val.lmdb") as r:
+        assert sorted(x["path"] for x in r) == sorted(x.path for i, x in enumerate(files) if i % 3 == 1)
+        assert r.metadata["labels"] == {"a": 0, "b": 1}
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"path,label,split\n{files[0].path},a,holdout\n")
+    with pytest.raises(LmdbkitError, match="split 'holdout'.*is not one of splits"):
+        precompute(corpus, output_dir=tmp_path / "o2", manifest=bad, **FAST)
+
+
+def test_empty_split_fails_the_output_check(corpus, tmp_path):
+    s = precompute(corpus, output_dir=tmp_path / "o", splits={"train": 1.0, "val": 0.0}, **FAST, limit=4)
+    with pytest.raises(LmdbkitError, match="split 'val' is empty"):
+        check_outputs(s)
+
+
+def test_bad_parameters_are_named(tmp_path):
+    with pytest.raises(LmdbkitError, match="no audio files under"):
+        (tmp_path / "empty").mkdir()
+        precompute(tmp_path / "empty", output_dir=tmp_path / "o", **FAST)
+    with pytest.raises(LmdbkitError, match="device='tpu' is unsupported"):
+        precompute(tmp_path, output_dir=tmp_path / "o", device="tpu", **FAST)
+    with pytest.raises(LmdbkitError, match="shard_index=2, num_shards=2"):
+        precompute(tmp_path, output_dir=tmp_path / "o", shard_index=2, num_shards=2, **FAST)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "lmdbkit.precompute", "--no-progress", "--n-fft", "256", *map(str, args)]
+
+
+def test_killed_run_resumes_to_exactly_once(corpus, tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run(_cli("--audio-dir", corpus, "--output-dir", ref, "--num-workers", "0"), check=True,
+                   capture_output=True)
+    expected = sorted(_keys(ref))
+    out = tmp_path / "o"
+    for attempt in range(20):  # kill at a moment when some but not all files are committed
+        proc = subprocess.Popen(_cli("--audio-dir", corpus, "--output-dir", out, "--batch-size", "1",
+                                     "--num-workers", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                n = len(_keys(out))
+            except LmdbkitError:
+                n = 0
+            if n >= 5 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        partial = _keys(out)
+        if 0 < len(partial) < len(expected):
+            break
+        shutil.rmtree(out, ignore_errors=True)
+    assert 0 < len(partial) < len(expected), "could not interrupt the run mid-way"
+    assert len(set(partial)) == len(partial)
+    subprocess.run(_cli("--audio-dir", corpus, "--output-dir", out, "--num-workers", "0"), check=True,
+                   capture_output=True)
+    final = _keys(out)
+    assert sorted(final) == expected  # every source exactly once: nothing lost, nothing doubled
+    for p in out.glob("*.lmdb"):
+        with lmdbkit.Reader(p) as r:
+            assert r.meta["complete"] and len(r) == len(r.keys()) == len(list(r))
+
+
+@pytest.mark.slow
+def test_torchrun_two_shards_cover_every_item_once(corpus, tmp_path):
+    ref = tmp_path / "ref"
+    precompute(corpus, output_dir=ref, **FAST)
+    out = tmp_path / "sharded"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+                           "-m", "lmdbkit.precompute", "--audio-dir", str(corpus), "--output-dir", str(out),
+                           "--no-progress", "--n-fft", "256", "--num-workers", "0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in out.glob("*.lmdb"))
+    assert names == sorted(f"{s}-{i}-of-2.lmdb" for s in ("train", "val", "test") for i in (0, 1))
+    ds = lmdbkit.LMDBDataset(out)
+    keys = [ds.key_of(i) for i in range(len(ds))]
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(_keys(ref))
+    for split in ("train", "val", "test"):
+        shard_keys = sorted(_keys(out, f"{split}-*-of-2.lmdb"))
+        assert shard_keys == sorted(_keys(ref, f"{split}.lmdb"))  # same split assignment as one process
