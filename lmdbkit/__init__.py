@@ -21,6 +21,13 @@ __version__ = "0.1.0"
 # public names that live in modules needing torch (or other optional packages): name -> module
 _LAZY = {
     "LMDBDataset": "dataset",
+    "LMDBDataTransform": "dataset",
+    "SpectrogramTransform": "dataset",
+    "create_data_loader": "dataset",
+    "create_train_val_loaders": "dataset",
+    "pad_collate": "dataset",
+    "crop_collate": "dataset",
+    "StftConfig": "stft",
 }
 
 __all__ = [
@@ -34,17 +41,24 @@ __all__ = [
     "EncodeError",
     "FormatVersionError",
     "IndexNotFoundError",
+    "LMDBDataTransform",
     "LMDBDataset",
     "LmdbkitError",
     "MapSizeLimitError",
     "NotADatabaseError",
     "Reader",
     "SchemaError",
+    "SpectrogramTransform",
+    "StftConfig",
     "UnsafeFormatError",
     "Writer",
     "__version__",
+    "create_data_loader",
+    "create_train_val_loaders",
+    "crop_collate",
     "decode",
     "encode",
+    "pad_collate",
 ]
 
 

@@ -303,8 +303,8 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False) -> tuple[
     for desc in arrays:
         try:
             name, kind, dcode, ccode, off, n, shape = desc
-            if (type(shape) is not list or type(off) is not int or type(n) is not int or off < 0 or n < 0
-                    or type(name) is not str):
+            if (type(name) is not str or type(kind) is not int or type(dcode) is not int or type(ccode) is not int
+                    or type(off) is not int or type(n) is not int or type(shape) is not list or off < 0 or n < 0):
                 raise ValueError
         except (ValueError, TypeError):
             raise _corrupt(f"malformed array descriptor {desc!r}"[:200]) from None

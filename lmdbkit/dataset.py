@@ -1,15 +1,20 @@
-"""PyTorch side: a map-style Dataset over one or many databases."""
+"""PyTorch side: a map-style Dataset over one or many databases, transforms, collates and loaders."""
 
 from __future__ import annotations
 
 import bisect
 import os
-from typing import Any, Callable, Iterable
+import random
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data._utils.collate import default_collate
 
 from . import codec, store
+from .errors import LmdbkitError
 from .reader import Reader
 
 
@@ -123,4 +128,272 @@ class LMDBDataset(Dataset):
         return f"<lmdbkit.LMDBDataset {len(self)} items from {len(self.paths)} database(s): {self.paths[:3]}>"
 
 
-__all__ = ["LMDBDataset"]
+
+# -- transforms -------------------------------------------------------------------------------------
+
+class LMDBDataTransform:
+    """Base class of sample transforms: ``transform(sample) -> sample`` runs per item (in DataLoader workers,
+    on the CPU); ``to_device(batch)`` moves a collated batch to ``target_device`` in the main process.
+
+    Subclasses override ``transform``; ``Compose`` chains them.
+    """
+
+    def __init__(self, target_device: str | torch.device = "cpu"):
+        self.target_device = torch.device(target_device)
+
+    def __call__(self, sample: dict) -> dict:
+        return self.transform(sample)
+
+    def transform(self, sample: dict) -> dict:
+        return sample
+
+    def to_device(self, batch: Any) -> Any:
+        return to_device(batch, self.target_device)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "target_device")
+        return f"{type(self).__name__}({args})"
+
+
+def to_device(batch: Any, device: str | torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``; non-blocking from pinned memory."""
+    device = torch.device(device)
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Compose(LMDBDataTransform):
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Callable[[dict], dict]], target_device: str | torch.device = "cpu"):
+        super().__init__(target_device)
+        self.transforms = list(transforms)
+
+    def transform(self, sample: dict) -> dict:
+        for t in self.transforms:
+            sample = t(sample)
+        return sample
+
+
+SPEC_OUTPUTS = ("db", "magnitude", "power")
+
+
+class ToSpectrogram(LMDBDataTransform):
+    """A stored STFT field (complex, or already magnitude/power/db per the database's StftConfig) as a
+    float32 ``output`` spectrogram ("db", "magnitude" or "power"), with a channel axis: [C, freqs, frames]."""
+
+    def __init__(self, output: str = "db", *, field: str = "stft", stored: str = "complex", db_floor: float = 1e-10,
+                 target_device: str | torch.device = "cpu"):
+        super().__init__(target_device)
+        if output not in SPEC_OUTPUTS:
+            raise LmdbkitError(f"output={output!r} is unsupported. Supported outputs are {list(SPEC_OUTPUTS)}")
+        self.output, self.field, self.stored, self.db_floor = output, field, stored, db_floor
+
+    def transform(self, sample: dict) -> dict:
+        x = torch.as_tensor(sample[self.field])
+        if torch.is_complex(x):
+            power = x.real.float().square() + x.imag.float().square()
+        elif self.stored == "magnitude":
+            power = x.float().square()
+        elif self.stored == "power":
+            power = x.float()
+        elif self.stored == "db":
+            power = torch.pow(10.0, x.float() / 10)
+        else:
+            raise LmdbkitError(f"stored={self.stored!r}: a real STFT field must say how it was stored "
+                               f"({list(SPEC_OUTPUTS)}); see the database's metadata['stft']['output']")
+        if self.output == "power":
+            y = power
+        elif self.output == "magnitude":
+            y = power.sqrt()
+        else:
+            y = 10.0 * torch.log10(power.clamp_min(self.db_floor))
+        if y.dim() == 2:
+            y = y.unsqueeze(0)
+        return dict(sample, **{self.field: y})
+
+
+CROPS = ("random", "center", "start")
+
+
+class FixFrames(LMDBDataTransform):
+    """Crop or zero-pad the last (time) axis of ``field`` to ``frames``; records the valid length in ``length``.
+
+    crop: "random" (training; uses torch's RNG, which DataLoader seeds per worker), "center" or "start".
+    """
+
+    def __init__(self, frames: int, *, crop: str = "random", field: str = "stft",
+                 target_device: str | torch.device = "cpu"):
+        super().__init__(target_device)
+        if not isinstance(frames, int) or frames < 1:
+            raise LmdbkitError(f"frames={frames!r}: give a positive number of frames")
+        if crop not in CROPS:
+            raise LmdbkitError(f"crop={crop!r} is unsupported. Supported crops are {list(CROPS)}")
+        self.frames, self.crop, self.field = frames, crop, field
+
+    def transform(self, sample: dict) -> dict:
+        x = sample[self.field]
+        t = x.shape[-1]
+        if t > self.frames:
+            if self.crop == "random":
+                start = int(torch.randint(0, t - self.frames + 1, ()).item())
+            elif self.crop == "center":
+                start = (t - self.frames) // 2
+            else:
+                start = 0
+            x = x[..., start:start + self.frames]
+        elif t < self.frames:
+            x = torch.nn.functional.pad(x, (0, self.frames - t))
+        return dict(sample, **{self.field: x.contiguous(), "length": min(t, self.frames)})
+
+
+class Normalize(LMDBDataTransform):
+    """Per-item standardisation (``mean=None``) or fixed ``(x - mean) / std``."""
+
+    def __init__(self, mean: float | None = None, std: float | None = None, *, field: str = "stft", eps: float = 1e-5,
+                 target_device: str | torch.device = "cpu"):
+        super().__init__(target_device)
+        self.mean, self.std, self.field, self.eps = mean, std, field, eps
+
+    def transform(self, sample: dict) -> dict:
+        x = sample[self.field]
+        if self.mean is None:
+            y = (x - x.mean()) / (x.std() + self.eps)
+        else:
+            y = (x - self.mean) / (self.std or 1.0)
+        return dict(sample, **{self.field: y})
+
+
+class SpectrogramTransform(Compose):
+    """The usual chain for STFT items: to dB (or magnitude/power), fixed frames, normalised.
+
+    ``SpectrogramTransform.for_database(path, frames=64, train=True)`` reads how the items were stored.
+    """
+
+    def __init__(self, *, frames: int | None = 64, output: str = "db", stored: str = "complex", crop: str = "random",
+                 normalize: bool = True, field: str = "stft", target_device: str | torch.device = "cpu"):
+        parts: list = [ToSpectrogram(output, field=field, stored=stored)]
+        if frames is not None:
+            parts.append(FixFrames(frames, crop=crop, field=field))
+        if normalize:
+            parts.append(Normalize(field=field))
+        super().__init__(parts, target_device)
+
+    @classmethod
+    def for_database(cls, path, *, train: bool, **kw) -> "SpectrogramTransform":
+        with Reader(store.resolve_paths(path)[0]) as r:  # a database, list, folder or glob
+            stored = r.metadata.get("stft", {}).get("output", "complex")
+        return cls(stored=stored, crop="random" if train else "center", **kw)
+
+
+# -- collate ----------------------------------------------------------------------------------------
+
+def _collate_rest(batch: list[dict], skip: set) -> dict:
+    out = {}
+    for k in batch[0]:
+        if k in skip:
+            continue
+        vals = [b[k] for b in batch]
+        if any(v is None for v in vals) or isinstance(vals[0], (str, bytes)):
+            out[k] = vals  # kept as a list: None and strings do not stack
+        else:
+            out[k] = default_collate(vals)
+    return out
+
+
+def pad_collate(batch: list[dict], *, field: str = "stft", value: float = 0.0) -> dict:
+    """Collate items whose ``field`` differs in its last (time) axis: zero-pad to the longest and add
+    ``lengths`` (the valid frames of each). Other fields collate as usual; strings and None stay lists."""
+    xs = [torch.as_tensor(b[field]) for b in batch]
+    longest = max(x.shape[-1] for x in xs)
+    out = _collate_rest(batch, {field})
+    out[field] = torch.stack([torch.nn.functional.pad(x, (0, longest - x.shape[-1]), value=value) for x in xs])
+    out["lengths"] = torch.tensor([x.shape[-1] for x in xs])
+    return out
+
+
+def crop_collate(batch: list[dict], *, field: str = "stft") -> dict:
+    """Collate items whose ``field`` differs in its last axis by cropping all to the shortest."""
+    xs = [torch.as_tensor(b[field]) for b in batch]
+    shortest = min(x.shape[-1] for x in xs)
+    out = _collate_rest(batch, {field})
+    out[field] = torch.stack([x[..., :shortest] for x in xs])
+    return out
+
+
+def collate(batch: list[dict]) -> dict:
+    """Default collate for sample dicts that keeps strings and None as lists instead of failing."""
+    return _collate_rest(batch, set())
+
+
+# -- samplers and loaders ---------------------------------------------------------------------------
+
+class ShardSampler(DistributedSampler):
+    """A DistributedSampler that does not pad: each epoch's rank shards are disjoint and together cover the
+    dataset exactly (ranks may differ by one item). Shuffled by (seed, epoch) like DistributedSampler."""
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            order = list(range(len(self.dataset)))
+        return iter(order[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.num_replicas + (1 if self.rank < n % self.num_replicas else 0)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """numpy and random in each worker get seeds derived from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def create_data_loader(db_path, transform: Callable | None = None, batch_size: int = 32, *, shuffle: bool = False,
+                       num_workers: int = 4, target_device: str | torch.device = "cpu",
+                       collate_fn: Callable | None = None, seed: int = 0, drop_last: bool = False,
+                       persistent_workers: bool | None = None, prefetch_factor: int | None = None,
+                       multiprocessing_context: str | None = None, **dataset_kw) -> DataLoader:
+    """A DataLoader over ``LMDBDataset(db_path)``: seeded shuffling and workers, persistent workers, pinned
+    memory when ``target_device`` is CUDA, and a ShardSampler by itself when torch.distributed is
+    initialised (call ``loader.sampler.set_epoch(epoch)`` each epoch, as with DistributedSampler)."""
+    ds = db_path if isinstance(db_path, (Dataset,)) else LMDBDataset(db_path, transform=transform, **dataset_kw)
+    sampler = None
+    if dist.is_available() and dist.is_initialized():
+        sampler = ShardSampler(ds, shuffle=shuffle, seed=seed)
+        shuffle = False
+    g = torch.Generator()
+    g.manual_seed(seed)
+    workers = num_workers > 0
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn or collate, pin_memory=torch.device(target_device).type == "cuda",
+                      drop_last=drop_last, generator=g, worker_init_fn=_seed_worker if workers else None,
+                      persistent_workers=workers if persistent_workers is None else persistent_workers,
+                      prefetch_factor=prefetch_factor if workers else None,
+                      multiprocessing_context=multiprocessing_context if workers else None)
+
+
+def create_train_val_loaders(train_db_path, val_db_path, batch_size: int = 32, num_workers: int = 4,
+                             target_device: str | torch.device = "cpu", *, transform: Callable | None = None,
+                             val_transform: Callable | None = None, seed: int = 0,
+                             **kw) -> tuple[DataLoader, DataLoader]:
+    """(train loader: shuffled, drop_last; val loader: in order), sharing the options of create_data_loader."""
+    train = create_data_loader(train_db_path, transform, batch_size, shuffle=True, num_workers=num_workers,
+                               target_device=target_device, seed=seed, drop_last=True, **kw)
+    val = create_data_loader(val_db_path, val_transform if val_transform is not None else transform, batch_size,
+                             shuffle=False, num_workers=num_workers, target_device=target_device, seed=seed, **kw)
+    return train, val
+
+
+__all__ = ["LMDBDataset", "LMDBDataTransform", "Compose", "ToSpectrogram", "FixFrames", "Normalize",
+           "SpectrogramTransform", "to_device", "pad_collate", "crop_collate", "collate", "ShardSampler",
+           "create_data_loader", "create_train_val_loaders"]

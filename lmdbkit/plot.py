@@ -50,3 +50,40 @@ def class_balance(paths: Iterable[str | os.PathLike], field: str = "label_name")
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def training_curves(result: dict, window: int = 10):
+    """Training loss (raw and smoothed) by step, with validation accuracy against chance in the title."""
+    plt = _plt()
+    losses = np.asarray(result["losses"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(losses, alpha=0.3, label="loss")
+    if len(losses) >= window:
+        ax.plot(np.arange(window - 1, len(losses)), np.convolve(losses, np.ones(window) / window, "valid"),
+                label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_yscale("log")
+    ax.set_title(f"val accuracy {result['val_accuracy']:.2f} (chance {result['chance']:.2f}), "
+                 f"{result['samples_per_second']:.0f} samples/s, data wait {100 * result['data_wait_share']:.0f}%")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion(result: dict, labels: dict | None = None):
+    """The validation confusion matrix (rows: true class, columns: predicted)."""
+    plt = _plt()
+    m = np.asarray(result["confusion"])
+    names = [n for n, _ in sorted((labels or {}).items(), key=lambda kv: kv[1])] or [str(i) for i in range(len(m))]
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(m), 1 + 0.5 * len(m)))
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(m)), names[:len(m)], rotation=45, ha="right")
+    ax.set_yticks(range(len(m)), names[:len(m)])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    return fig

@@ -18,3 +18,14 @@ def small_db(tmp_path):
         for i, s in enumerate(make_samples(100)):
             w.append(s, key=f"k{i}")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small precomputed demo dataset (8 classes x 10 clips), shared by the tests that train or inspect."""
+    from lmdbkit import demo
+    from lmdbkit.precompute import precompute
+    base = tmp_path_factory.mktemp("demo")
+    corpus = demo.make_corpus(base / "corpus", n_per_class=10)
+    precompute(corpus, output_dir=base / "data", num_workers=0, progress=False, n_fft=256, hop_length=128)
+    return base / "data"

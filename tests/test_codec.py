@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import lmdbkit
 from lmdbkit import codec
@@ -222,6 +222,7 @@ def test_fuzz_random_bytes_only_raise_lmdbkit_errors(data):
 
 
 @settings(max_examples=1500, deadline=None)
+@example(VALID[0], [(46, 128)], 63)  # once found: a mutated header put a dict where the dtype code goes
 @given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
        st.integers(0, 10**6))
 def test_fuzz_mutated_items_only_raise_lmdbkit_errors(valid, flips, cut):

@@ -110,8 +110,9 @@ def test_public_names_are_pinned():
     assert sorted(lmdbkit.__all__) == sorted([
         "AudioDecodeError", "ConfigMismatchError", "CorruptItemError", "DatabaseBusyError", "DatabaseExistsError",
         "DatabaseNotFoundError", "DuplicateKeyError", "EncodeError", "FormatVersionError", "IndexNotFoundError",
-        "LMDBDataset", "LmdbkitError", "MapSizeLimitError", "NotADatabaseError", "Reader", "SchemaError",
-        "UnsafeFormatError", "Writer", "__version__", "decode", "encode",
+        "LMDBDataTransform", "LMDBDataset", "LmdbkitError", "MapSizeLimitError", "NotADatabaseError", "Reader",
+        "SchemaError", "SpectrogramTransform", "StftConfig", "UnsafeFormatError", "Writer", "__version__",
+        "create_data_loader", "create_train_val_loaders", "crop_collate", "decode", "encode", "pad_collate",
     ])
     for name in lmdbkit.__all__:
         assert getattr(lmdbkit, name) is not None

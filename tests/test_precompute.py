@@ -199,7 +199,7 @@ def test_torchrun_two_shards_cover_every_item_once(corpus, tmp_path):
     precompute(corpus, output_dir=ref, **FAST)
     out = tmp_path / "sharded"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "lmdbkit.precompute", "--audio-dir", str(corpus), "--output-dir", str(out),
                            "--no-progress", "--n-fft", "256", "--num-workers", "0"],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -1,0 +1,256 @@
+"""A small CNN trained on the train split's spectrograms for a bounded number of steps (or seconds): the
+smoke test that the pipeline really trains with several DataLoader workers.
+
+It reports the loss curve, validation accuracy against chance, samples/s and the share of step time spent
+waiting for data. Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel (gloo on
+CPU, nccl on CUDA); the loaders shard by themselves. Run it from ``notebooks/train_smoke_test.ipynb``, from
+Python (``lmdbkit.train.train(...)``) or ``python -m lmdbkit.train --help`` (also under torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import store
+from .dataset import SpectrogramTransform, create_train_val_loaders
+from .errors import LmdbkitError
+from .reader import Reader
+from .stft import resolve_device
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks, global average pooling, a linear classifier: [B, C, freqs, frames] -> [B, classes]."""
+
+    def __init__(self, n_classes: int, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        layers, c = [], in_channels
+        for k in range(4):
+            out = width * 2**k
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_checksum(model: nn.Module) -> str:
+    """A hash of every parameter and buffer (to check that DDP ranks end with the same model)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = None, batch_size: int = 32,
+          num_workers: int = 4, lr: float = 3e-3, device: str = "auto", seed: int = 0, frames: int = 64,
+          width: int = 8, log_every: int = 10, record_indices: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train SmallCNN on ``train_db`` for ``steps`` optimizer steps (or until ``max_seconds``), evaluate on
+    ``val_db``; returns the figures (see the module docstring). Reproducible for a given seed."""
+    if not isinstance(steps, int) or steps < 1:
+        raise LmdbkitError(f"steps={steps!r}: give a positive number of optimizer steps")
+    dev = resolve_device(device)
+    rank, world = _init_distributed(dev)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    seed_everything(seed)
+    with Reader(store.resolve_paths(train_db)[0]) as r:
+        labels = r.metadata.get("labels")
+        if not labels and "label" in r.index_fields:
+            labels = {str(v): v for v in r.values("label")}
+    if not labels:
+        raise LmdbkitError(f"{train_db}: no label map in the metadata and no index on 'label'; "
+                           "train needs labelled items (precompute writes both)")
+    n_classes = max(labels.values()) + 1
+    tf_train = SpectrogramTransform.for_database(train_db, train=True, frames=frames)
+    tf_val = SpectrogramTransform.for_database(val_db, train=False, frames=frames)
+    train_loader, val_loader = create_train_val_loaders(train_db, val_db, batch_size=batch_size,
+                                                        num_workers=num_workers, target_device=dev,
+                                                        transform=tf_train, val_transform=tf_val, seed=seed)
+    if len(train_loader) == 0:
+        raise LmdbkitError(f"{train_db}: {len(train_loader.dataset)} items is less than one batch of {batch_size} "
+                           f"per rank ({world} ranks); lower batch_size")
+    in_channels = next(iter(val_loader))["stft"].shape[1] if len(val_loader) else 1
+    model = SmallCNN(n_classes, in_channels, width).to(dev)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss()
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=steps, desc=f"train (rank {rank})" if world > 1 else "train", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    losses: list[float] = []
+    epoch_indices: list[list[int]] = []
+    step, epoch, samples, wait, t0 = 0, 0, 0, 0.0, time.perf_counter()
+    stop = False
+    model.train()
+    while not stop:
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        if record_indices:
+            epoch_indices.append(list(iter(train_loader.sampler)) if hasattr(train_loader.sampler, "set_epoch")
+                                 else list(range(len(train_loader.dataset))))
+        t_wait = time.perf_counter()
+        for batch in train_loader:
+            wait += time.perf_counter() - t_wait
+            batch = tf_train.to_device(batch)
+            x, y = batch["stft"], batch["label"]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            samples += len(y)
+            step += 1
+            bar.update(1)
+            if step % log_every == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}")
+            timed_out = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+            stop = step >= steps or _any_rank(timed_out, world, dev)
+            if stop:
+                break
+            t_wait = time.perf_counter()
+        epoch += 1
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    raw = model.module if world > 1 else model
+    if world > 1:  # BatchNorm statistics were last updated from each rank's own batch: take rank 0's, as DDP does
+        for b in raw.buffers():
+            dist.broadcast(b, 0)
+    # evaluate the unwrapped model: DDP's forward is a collective, and val shards may differ in batches
+    correct, total, per_class = _evaluate(raw, val_loader, tf_val, n_classes, dev, world)
+    val_counts = per_class.sum(dim=1)
+    result = {
+        "rank": rank, "world_size": world, "device": str(dev), "num_workers": num_workers, "batch_size": batch_size,
+        "steps": step, "epochs": epoch, "elapsed_seconds": elapsed, "samples": samples * world,
+        "samples_per_second": samples * world / elapsed, "data_wait_share": wait / elapsed,
+        "first_loss": float(np.mean(losses[:log_every])), "final_loss": float(np.mean(losses[-log_every:])),
+        "losses": losses, "val_items": int(total), "val_accuracy": correct / max(total, 1),
+        "chance": float(val_counts.max() / max(total, 1)) if total else 1.0 / n_classes,
+        "n_classes": n_classes, "confusion": per_class.tolist(), "model_checksum": model_checksum(raw),
+        "seed": seed,
+    }
+    if record_indices:
+        result["epoch_indices"] = epoch_indices
+    for loader in (train_loader, val_loader):
+        loader.dataset.close()
+    return result
+
+
+def _any_rank(flag: bool, world: int, dev: torch.device) -> bool:
+    """True if any rank says so (ranks stop together, so DDP's collectives never wait for a stopped rank)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def _evaluate(model, loader, tf, n_classes, dev, world):
+    model.eval()
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long, device=dev)  # [true, predicted]
+    for batch in loader:
+        batch = tf.to_device(batch)
+        pred = model(batch["stft"]).argmax(1)
+        confusion.index_put_((batch["label"], pred), torch.ones_like(pred), accumulate=True)
+    if world > 1:
+        dist.all_reduce(confusion)
+    model.train()
+    return int(confusion.diag().sum()), int(confusion.sum()), confusion.cpu()
+
+
+def split_paths(data_dir: str | os.PathLike, split: str) -> list[str]:
+    """The database(s) of one split in a precompute output folder: <split>.lmdb or its shards."""
+    d = Path(data_dir)
+    if (d / f"{split}.lmdb").is_dir():
+        return [str(d / f"{split}.lmdb")]
+    shards = sorted(str(p) for p in d.glob(f"{split}-*-of-*.lmdb"))
+    if not shards:
+        raise LmdbkitError(f"no {split!r} database in {d} (looked for {split}.lmdb and {split}-*-of-*.lmdb); "
+                           "run notebooks/precompute.ipynb first, or pass the path")
+    return shards
+
+
+def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_ratio: float = 0.7) -> None:
+    """Fail loudly (LmdbkitError) unless the loss fell and validation accuracy beat chance by the margin."""
+    problems = []
+    if not result["final_loss"] < max_loss_ratio * result["first_loss"]:
+        problems.append(f"the loss did not fall enough: {result['first_loss']:.3f} -> {result['final_loss']:.3f} "
+                        f"(needs < {max_loss_ratio} x the first)")
+    if not result["val_accuracy"] >= result["chance"] + min_accuracy_margin:
+        problems.append(f"validation accuracy {result['val_accuracy']:.3f} does not beat chance "
+                        f"{result['chance']:.3f} by {min_accuracy_margin}")
+    if result["val_items"] == 0:
+        problems.append("the validation split is empty")
+    if problems:
+        raise LmdbkitError("train smoke test failed:\n  " + "\n  ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lmdbkit.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train-db", required=True)
+    ap.add_argument("--val-db", required=True)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--max-seconds", type=float)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-workers", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--width", type=int, default=8, help="channels of the first conv layer")
+    ap.add_argument("--record-indices", action="store_true", help="record each epoch's sample indices per rank")
+    ap.add_argument("--output-dir", help="each rank writes train_rank<r>.json here")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    a = vars(ap.parse_args(argv))
+    out = a.pop("output_dir")
+    try:
+        result = train(a.pop("train_db"), a.pop("val_db"), **a)
+    except LmdbkitError as exc:
+        ap.exit(2, f"error: {exc}\n")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, f"train_rank{result['rank']}.json").write_text(json.dumps(result))
+    if result["rank"] == 0:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "epoch_indices", "confusion")}, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
