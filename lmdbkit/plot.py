@@ -87,3 +87,74 @@ def confusion(result: dict, labels: dict | None = None):
     ax.set_ylabel("true")
     fig.tight_layout()
     return fig
+
+
+def bench_reads(summary: dict):
+    """Items/s per method for warm random reads, one panel per item size, with the limits drawn as lines."""
+    plt = _plt()
+    res = [r for r in summary["results"] if r["measure"] == "read_random"]
+    kinds = sorted({r["kind"] for r in res})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = {r["method"]: r["value"] for r in res if r["kind"] == kind}
+        methods = [m for m in ("lmdbkit", "pickle_lmdb", "pt_batches") if m in rows]
+        ax.barh(methods, [rows[m] for m in methods], color=["C0", "C1", "C2"][:len(methods)])
+        for name, style in (("bare_txn_get", "--"), ("memcpy", ":")):
+            if name in rows:
+                ax.axvline(rows[name], color="k", linestyle=style, label=f"{name} (limit)")
+        ax.set_xscale("log")
+        ax.set_xlabel("items/s (random, warm cache)")
+        ax.set_title(kind)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def bench_open(summary: dict):
+    """Open + len time against item count, log-log, lmdbkit against per-batch .pt files."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, marker in (("lmdbkit", "o"), ("pt_batches", "s")):
+        pts = sorted((int(r["kind"]), r["value"]) for r in summary["results"]
+                     if r["measure"] == "open" and r["method"] == method)
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=method)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("items in the database")
+    ax.set_ylabel("construct + len (ms)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def bench_dataloader(summary: dict):
+    """DataLoader items/s against num_workers, per item size, lmdbkit against pickle-in-LMDB."""
+    plt = _plt()
+    res = [r for r in summary["results"] if r["measure"] == "dataloader"]
+    kinds = sorted({r["kind"] for r in res})
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5 * max(1, len(kinds)), 3.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for method in ("lmdbkit", "pickle_lmdb"):
+            pts = sorted((r["extra"]["num_workers"], r["value"]) for r in res if r["kind"] == kind and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xlabel("num_workers")
+        ax.set_ylabel("items/s (batch 64, shuffled)")
+        ax.set_title(kind)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save_bench_figures(summary: dict, output_dir) -> list[str]:
+    """Write the benchmark's figures as PNG files; returns their paths."""
+    out = []
+    for name, fn in (("bench_reads.png", bench_reads), ("bench_open.png", bench_open),
+                     ("bench_dataloader.png", bench_dataloader)):
+        fig = fn(summary)
+        path = Path(output_dir) / name
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        _plt().close(fig)
+        out.append(str(path))
+    return out

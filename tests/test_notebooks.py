@@ -73,3 +73,13 @@ def test_train_smoke_test_notebook(ci_run):
     s = json.loads((out / "summary.json").read_text())
     assert s["val_accuracy"] >= s["chance"] + 0.1 and s["final_loss"] < s["first_loss"] and s["num_workers"] == 2
     assert (out / "training_curves.png").stat().st_size > 1000 and (out / "confusion.png").exists()
+
+
+def test_benchmark_notebook(ci_run):
+    base, data = ci_run
+    out = base / "bench"
+    notebooks.run("benchmark", base / "benchmark.ipynb", profile="ci",
+                  parameters={"db_path": str(data / "train.lmdb"), "output_dir": str(out)})
+    s = json.loads((out / "summary.json").read_text())
+    assert s["database"]["items"] > 0 and s["targets"] and s["ratios"]
+    assert {p.split("/")[-1] for p in s["figures"]} == {"bench_reads.png", "bench_open.png", "bench_dataloader.png"}

@@ -1,0 +1,63 @@
+"""The benchmark code runs on tiny sizes and produces every measure; no assertion on timings."""
+
+import json
+import pickle
+
+import pytest
+
+from lmdbkit import bench
+
+
+def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
+    s = bench.run(tmp_path, n_stft=8, n_small=40, open_counts=(10, 50), reads=10, min_seconds=0.0,
+                  workers=(0, 2), cold=True, progress=False)
+    got = {(r["measure"], r["kind"], r["method"]) for r in s["results"]}
+    for kind in ("stft256k", "small1k"):
+        for m in ("lmdbkit", "pickle_lmdb", "raw_put", "pt_batches"):
+            assert ("write", kind, m) in got and ("disk", kind, m) in got
+        for m in ("lmdbkit", "pickle_lmdb", "bare_txn_get", "memcpy", "pt_batches"):
+            assert ("read_random", kind, m) in got and ("read_sequential", kind, m) in got
+        for m in ("lmdbkit", "pickle_lmdb"):
+            assert ("dataloader", kind, m) in got and ("read_cold", kind, m) in got and ("worker_uss", kind, m) in got
+    assert {("open", "10", "lmdbkit"), ("open", "50", "pt_batches")} <= got
+    assert all(r["value"] > 0 for r in s["results"])
+    workers = {r["extra"]["num_workers"] for r in s["results"] if r["measure"] == "dataloader"}
+    assert workers == {0, 2}
+    assert "read_random/stft256k: lmdbkit / memcpy" in s["ratios"] and "open: lmdbkit largest / smallest" in s["ratios"]
+    assert len(s["targets"]) == len(bench.TARGETS) + 1 and all(t["holds"] is not None for t in s["targets"])
+    for f in s["figures"]:
+        with open(f, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "summary.json").read_text())["ratios"] == s["ratios"]
+    assert not (tmp_path / "work").exists()
+    text = bench.targets_table(s["targets"])
+    assert "random read ~256 KiB" in text and ("holds" in text or "MISSED" in text)
+
+
+def test_benchmark_lmdb_performance(small_db):
+    out = bench.benchmark_lmdb_performance(small_db, num_samples=50)
+    assert out["items"] == 100
+    for k in ("random_ms_per_sample", "sequential_ms_per_sample", "random_samples_per_second",
+              "sequential_samples_per_second"):
+        assert out[k] > 0
+
+
+def test_baselines_read_the_same_items(tmp_path):
+    import torch
+    samples = bench.make_samples("small1k", 20)
+    paths = bench.bench_paths("small1k", tmp_path)
+    bench.write_lmdbkit(paths["lmdbkit"], samples)
+    bench.write_pickle_lmdb(paths["pickle_lmdb"], samples)
+    bench.write_pt_batches(paths["pt_batches"], samples, batch=8)
+    ds = pickle.loads(pickle.dumps(bench.PickleLmdbDataset(paths["pickle_lmdb"])))
+    pt = bench.PtBatches(paths["pt_batches"])
+    from lmdbkit import Reader
+    r = Reader(paths["lmdbkit"], decode_to="torch")
+    assert len(ds) == len(pt) == len(r) == 20
+    for i in (0, 7, 8, 19):
+        assert torch.equal(ds[i]["x"], samples[i]["x"]) and torch.equal(pt[i]["x"], samples[i]["x"])
+        assert torch.equal(r[i]["x"], samples[i]["x"])
+    r.close()
+    assert bench.drop_page_cache(paths["lmdbkit"]) is True
+    with pytest.raises(ValueError, match="item kind 'huge' is unsupported"):
+        bench.make_samples("huge", 1)
