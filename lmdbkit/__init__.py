@@ -28,6 +28,11 @@ _LAZY = {
     "pad_collate": "dataset",
     "crop_collate": "dataset",
     "StftConfig": "stft",
+    "build_index": "index",
+    "query_samples_by_label": "index",
+    "query_samples_by_category": "index",
+    "verify": "verify",
+    "benchmark_lmdb_performance": "bench",
 }
 
 __all__ = [
@@ -53,12 +58,17 @@ __all__ = [
     "UnsafeFormatError",
     "Writer",
     "__version__",
+    "benchmark_lmdb_performance",
+    "build_index",
     "create_data_loader",
     "create_train_val_loaders",
     "crop_collate",
     "decode",
     "encode",
     "pad_collate",
+    "query_samples_by_category",
+    "query_samples_by_label",
+    "verify",
 ]
 
 

@@ -620,7 +620,7 @@ def _machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lmdbkit.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="lmdbkit bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default="runs/bench", help="where summary.json and the plots go (default: runs/bench)")
     ap.add_argument("--n-stft", type=int, default=2000, help="number of ~256 KiB complex64 items")
     ap.add_argument("--n-small", type=int, default=20000, help="number of ~1 KiB items")

@@ -405,6 +405,19 @@ def _numpy_bf16(arr: np.ndarray, name: str) -> np.ndarray:
     return arr.view(ml_dtypes.bfloat16)
 
 
+def decode_header(buf) -> tuple[str | None, dict]:
+    """(key, fields) with metadata values decoded and array fields None: nothing is copied out of the payload."""
+    buf = memoryview(buf)
+    hlen, _ = read_prefix(buf)
+    try:
+        key, fields, _arrays = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
+    if type(fields) is not dict:
+        raise _corrupt("header is not a sample record")
+    return key, fields
+
+
 def peek_key(buf) -> str | None:
     """The key stored in an item's header, without decoding its arrays."""
     buf = memoryview(buf)

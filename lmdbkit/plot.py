@@ -35,7 +35,7 @@ def class_balance(paths: Iterable[str | os.PathLike], field: str = "label_name")
             f = field if field in r.index_fields else ("label" if "label" in r.index_fields else None)
             if f is None:
                 raise ValueError(f"{p} has no index on {field!r} or 'label'; indexed fields are {r.index_fields}")
-            for value, n in r.values(f).items():
+            for value, n in r.values(f):
                 counts.setdefault(split_name(p), {}).setdefault(value, 0)
                 counts[split_name(p)][value] += n
     classes = sorted({c for d in counts.values() for c in d}, key=str)

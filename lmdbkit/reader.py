@@ -293,7 +293,7 @@ class Reader:
         if field not in self.index_fields:
             raise IndexNotFoundError(
                 f"{self.path} has no index on {field!r}; indexed fields are {self.index_fields}. Build one with "
-                f"lmdbkit.build_index({self.path!r}, {field!r}) or write with Writer(..., index_fields=({field!r},))")
+                f"lmdbkit.build_index({self.path!r}, {field!r}) (command line: lmdbkit index PATH {field}) or write with Writer(..., index_fields=({field!r},))")
         return self._handle().db(store.index_db_name(field))
 
     def query(self, **conditions: Any) -> list[int]:
@@ -311,13 +311,17 @@ class Reader:
                 result = found if result is None else result & found
         return sorted(result or ())
 
-    def values(self, field: str) -> dict[Any, int]:
-        """The distinct values of an indexed field, with their item counts."""
-        out: dict[Any, int] = {}
+    def values(self, field: str) -> list[tuple[Any, int]]:
+        """The distinct values of an indexed field with their item counts, as (value, count) pairs.
+
+        Pairs, not a dict, because a field may hold both 1 and True (or 0 and False), which the index keeps
+        apart and a dict would merge; ``dict(reader.values("label"))`` is fine for a field of one type.
+        """
+        out: list[tuple[Any, int]] = []
         with self._txn() as txn:
             cur = txn.cursor(db=self._index_db(field))
             for k in cur.iternext_nodup():
-                out[json.loads(bytes(k))] = cur.count()
+                out.append((json.loads(bytes(k)), cur.count()))
         return out
 
     def __repr__(self) -> str:

@@ -86,7 +86,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
     with Reader(store.resolve_paths(train_db)[0]) as r:
         labels = r.metadata.get("labels")
         if not labels and "label" in r.index_fields:
-            labels = {str(v): v for v in r.values("label")}
+            labels = {str(v): v for v, _ in r.values("label")}
     if not labels:
         raise LmdbkitError(f"{train_db}: no label map in the metadata and no index on 'label'; "
                            "train needs labelled items (precompute writes both)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import lmdb
+import numpy as np
 
 from . import codec, store
 from .errors import (ConfigMismatchError, DatabaseExistsError, DuplicateKeyError, LmdbkitError,
@@ -38,6 +39,8 @@ def _now() -> str:
 
 def index_value(value: Any, *, field: str, key: object = None) -> bytes:
     """The canonical UTF-8 form of an indexed value: its JSON text, so 1, "1" and true stay distinct."""
+    if isinstance(value, (np.integer, np.bool_, np.str_)):
+        value = value.item()
     if not isinstance(value, INDEXABLE):
         raise SchemaError(f"indexed field {field!r} of item {key!r} is {type(value).__name__} {value!r}; "
                           "indexes hold int, str or bool values")
@@ -291,6 +294,53 @@ class Writer:
                 raise SchemaError(f"{self.path}: sample {key!r} field {f!r} is {d['dtype']}, the database "
                                   f"stores {s['dtype']}; convert it before writing")
         self._sig = sig
+
+    def add_index(self, field: str, *, progress: bool = False) -> int:
+        """Build a secondary index on ``field`` over every committed item (used by lmdbkit.build_index).
+
+        Reads each item's header only (arrays are not decoded) and writes the entries in batches; the field
+        joins ``index_fields`` and later appends keep the index current. Returns the number of entries.
+        """
+        self._check_open()
+        if field in self.index_fields:
+            return 0
+        self.commit()
+        d = self._h.db(store.index_db_name(field), create=True, dupsort=True, dupfixed=True)
+        from tqdm.auto import tqdm
+        entries: list[tuple[bytes, bytes]] = []
+        written = 0
+
+        def flush():
+            nonlocal written
+            while True:
+                try:
+                    with self._h.env.begin(write=True) as txn:
+                        for v, ik in entries:
+                            txn.put(v, ik, db=d, dupdata=True)
+                    break
+                except lmdb.MapFullError:
+                    self._grow()
+            written += len(entries)
+            entries.clear()
+
+        with self._h.begin(buffers=True) as txn:
+            for ik, buf in tqdm(txn.cursor(db=self._items), total=self.count, disable=not progress,
+                                desc=f"index {field}"):
+                try:
+                    key, fields = codec.decode_header(buf)
+                except codec.CorruptItemError as exc:
+                    raise exc.at(str(self.path), store.unpack_index(ik)) from exc
+                if field not in fields:
+                    raise SchemaError(f"{self.path}: item {key!r} has no field {field!r}; fields are {sorted(fields)}")
+                entries.append((index_value(fields[field], field=field, key=key), bytes(ik)))
+                if len(entries) >= 100_000:
+                    flush()
+        flush()
+        self._index[field] = d
+        self.index_fields = (*self.index_fields, field)
+        self.meta["index_fields"] = list(self.index_fields)
+        self.commit()
+        return written
 
     def set_metadata(self, **values: Any) -> None:
         """Merge user metadata into the format record (written at the next commit)."""

@@ -112,7 +112,9 @@ def test_public_names_are_pinned():
         "DatabaseNotFoundError", "DuplicateKeyError", "EncodeError", "FormatVersionError", "IndexNotFoundError",
         "LMDBDataTransform", "LMDBDataset", "LmdbkitError", "MapSizeLimitError", "NotADatabaseError", "Reader",
         "SchemaError", "SpectrogramTransform", "StftConfig", "UnsafeFormatError", "Writer", "__version__",
-        "create_data_loader", "create_train_val_loaders", "crop_collate", "decode", "encode", "pad_collate",
+        "benchmark_lmdb_performance", "build_index", "create_data_loader", "create_train_val_loaders",
+        "crop_collate", "decode", "encode", "pad_collate", "query_samples_by_category", "query_samples_by_label",
+        "verify",
     ])
     for name in lmdbkit.__all__:
         assert getattr(lmdbkit, name) is not None

@@ -58,7 +58,7 @@ def test_reader_decode_to_torch(small_db):
 def test_query_and_values(small_db):
     r = lmdbkit.Reader(small_db)
     assert r.query(label=1) == list(range(1, 100, 3))
-    assert r.values("label") == {0: 34, 1: 33, 2: 33}
+    assert r.values("label") == [(0, 34), (1, 33), (2, 33)]
     assert r.query(label=7) == []
     with pytest.raises(IndexNotFoundError, match=r"no index on 'category'; indexed fields are \['label'\]"):
         r.query(category="A")

@@ -1,0 +1,218 @@
+"""The ``lmdbkit`` command line (also ``python -m lmdbkit``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import LmdbkitError
+
+EPILOG = """examples:
+  lmdbkit info runs/demo/data/train.lmdb
+  lmdbkit verify runs/demo/data/train.lmdb
+  lmdbkit query runs/demo/data/train.lmdb label_name=chirp_up --limit 5
+  lmdbkit convert hdf5 features.h5 out/features.lmdb --index-fields label
+  lmdbkit compact out/features.lmdb out/features-compact.lmdb
+  lmdbkit bench --output-dir runs/bench
+  lmdbkit demo
+"""
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in Path(path).rglob("*") if p.is_file())
+
+
+def cmd_info(a) -> int:
+    from .reader import Reader
+    out = []
+    from .store import resolve_paths
+    for p in resolve_paths(a.path):
+        with Reader(p, allow_pickle=a.allow_pickle) as r:
+            m = r.meta
+            info = {"path": str(p), "items": len(r), "bytes_on_disk": _du(p), "format": m.get("format"),
+                    "version": m.get("version"), "complete": m.get("complete"), "schema": m.get("schema"),
+                    "index_fields": r.index_fields, "stft": r.metadata.get("stft"),
+                    "labels": r.metadata.get("labels"), "created": m.get("created"), "updated": m.get("updated"),
+                    "writer_version": m.get("writer_version")}
+            info["index_values"] = {f: len(r.values(f)) for f in r.index_fields}
+        out.append(info)
+    if a.json:
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+        return 0
+    for info in out:
+        print(f"{info['path']}: {info['items']} items, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, "
+              f"format {info['format']} v{info['version']}, {'complete' if info['complete'] else 'INCOMPLETE'}")
+        for field, d in (info["schema"] or {}).items():
+            desc = f"{d['kind']} {d.get('dtype', d.get('type', ''))}" + (f", {d['ndim']}-d" if "ndim" in d else "")
+            print(f"  field {field}: {desc}")
+        for f in info["index_fields"]:
+            print(f"  index on {f}: {info['index_values'][f]} distinct values")
+        if info["stft"]:
+            s = info["stft"]
+            print(f"  stft: {s['output']} {s['dtype']}, n_fft {s['n_fft']}, hop {s['hop_length']}, "
+                  f"{s['sample_rate']} Hz, window {s['window']}")
+        if info["labels"]:
+            print(f"  labels: {len(info['labels'])} ({', '.join(list(info['labels'])[:8])}{', ...' if len(info['labels']) > 8 else ''})")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .verify import verify
+    rep = verify(a.path, progress=not a.json)
+    print(json.dumps(rep.to_dict(), indent=2) if a.json else rep)
+    return 0 if rep.ok else 1
+
+
+def cmd_convert(a) -> int:
+    from .convert import convert
+    kw = {"index_fields": a.index_fields, "mode": a.mode, "progress": not a.json}
+    if a.format in ("pt", "legacy"):
+        kw["allow_pickle"] = a.allow_pickle
+    if a.format == "numpy":
+        kw["field"] = a.field
+    res = convert(a.format, a.src, a.dest, **kw)
+    print(json.dumps(res, indent=2) if a.json else f"wrote {res['items']} items to {res['destination']}"
+          + (f" ({res['chunks_resumed']} chunks were already there)" if res["chunks_resumed"] else ""))
+    return 0
+
+
+def cmd_compact(a) -> int:
+    from . import store
+    from .reader import Reader
+    src, dest = Path(a.src), Path(a.dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise LmdbkitError(f"{dest} exists and is not empty; give a new path for the compacted copy")
+    with Reader(src) as r:
+        if not r.meta.get("complete"):
+            raise LmdbkitError(f"{src} is not marked complete (a writer may still be running); finish it first")
+        dest.mkdir(parents=True, exist_ok=True)
+        r._handle().env.copy(str(dest), compact=True)
+    if (src / store.METADATA_JSON).exists():
+        shutil.copy2(src / store.METADATA_JSON, dest / store.METADATA_JSON)
+    before, after = _du(src), _du(dest)
+    print(f"compacted {src} ({before / 2**20:.1f} MiB) into {dest} ({after / 2**20:.1f} MiB)")
+    return 0
+
+
+def _parse_value(text: str):
+    try:
+        v = json.loads(text)
+        if isinstance(v, (int, bool, str)):
+            return v
+    except ValueError:
+        pass
+    return text
+
+
+def cmd_query(a) -> int:
+    from .reader import Reader
+    conditions = {}
+    for c in a.conditions:
+        if "=" not in c:
+            raise LmdbkitError(f"condition {c!r}: write field=value, e.g. label=3 or label_name=dog")
+        k, v = c.split("=", 1)
+        conditions[k] = _parse_value(v)
+    with Reader(a.path) as r:
+        idx = r.query(**conditions)
+        shown = idx[: a.limit] if a.limit else idx
+        rows = [{"index": i, "key": r.key_of(i)} for i in shown]
+    if a.json:
+        print(json.dumps({"count": len(idx), "items": rows}, indent=2))
+    else:
+        print(f"{len(idx)} items match {conditions}")
+        for row in rows:
+            print(f"{row['index']:>10}  {row['key']}")
+        if len(shown) < len(idx):
+            print(f"... {len(idx) - len(shown)} more (--limit)")
+    return 0
+
+
+def cmd_index(a) -> int:
+    from .index import build_index
+    n = build_index(a.path, a.field, progress=True)
+    print(f"indexed {a.field!r} of {n} items in {a.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lmdbkit", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Inspect, check, convert and measure lmdbkit databases "
+                                             "(precomputed ML features in LMDB).", epilog=EPILOG)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="count, size on disk, schema, STFT config, indexes, complete flag")
+    p.add_argument("path", help="a database, a folder of databases or a glob")
+    p.add_argument("--allow-pickle", action="store_true", help="also describe legacy pickle databases")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("verify", help="decode every item, check checksums, count, keys and indexes")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_verify)
+
+    from .convert import FORMATS
+    p = sub.add_parser("convert", help=f"convert from another format ({', '.join(FORMATS)}) to an lmdbkit database")
+    p.add_argument("format", choices=FORMATS, help="pt: folder of per-batch .pt files; zarr: a Zarr group (v2/v3); "
+                   "hdf5: an HDF5 file; numpy: folder of .npy or an .npz; legacy: pickle-in-LMDB")
+    p.add_argument("src")
+    p.add_argument("dest", help="the new database (a <name>.lmdb folder)")
+    p.add_argument("--index-fields", nargs="*", default=[], help="fields to index (e.g. label category)")
+    p.add_argument("--mode", default="append", choices=("append", "overwrite", "create"),
+                   help="append (default) also resumes an interrupted conversion")
+    p.add_argument("--allow-pickle", action="store_true", help="legacy and pickled .pt sources only: trust the file")
+    p.add_argument("--field", default="array", help="numpy .npy folders: the field name of each array")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("compact", help="write a compacted copy (free pages dropped)")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.set_defaults(fn=cmd_compact)
+
+    p = sub.add_parser("query", help="items whose indexed fields equal the given values")
+    p.add_argument("path")
+    p.add_argument("conditions", nargs="+", metavar="FIELD=VALUE", help="e.g. label=3 category=A (values as JSON or text)")
+    p.add_argument("--limit", type=int, default=20, help="items to list (0: all; default 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_query)
+
+    p = sub.add_parser("index", help="build a secondary index on a field of an existing database")
+    p.add_argument("path")
+    p.add_argument("field")
+    p.set_defaults(fn=cmd_index)
+
+    p = sub.add_parser("bench", help="benchmarks (python -m lmdbkit.bench); arguments pass through",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=lambda a: __import__("lmdbkit.bench", fromlist=["main"]).main(a.args))
+
+    p = sub.add_parser("demo", help="run the notebooks on the embedded demo corpus (as `make demo`)")
+    p.add_argument("--runs", default="runs/demo")
+    p.set_defaults(fn=lambda a: __import__("lmdbkit.notebooks", fromlist=["main"]).main(["demo", "--runs", a.runs]))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser takes every argument, --help included
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (LmdbkitError, FileNotFoundError, PermissionError) as exc:
+        print(f"lmdbkit {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmdbkit {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
