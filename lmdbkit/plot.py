@@ -158,3 +158,217 @@ def save_bench_figures(summary: dict, output_dir) -> list[str]:
         _plt().close(fig)
         out.append(str(path))
     return out
+
+
+# -- items ------------------------------------------------------------------------------------------
+
+def stft_config(reader):
+    """The StftConfig stored with a database, or None for generic databases."""
+    d = reader.metadata.get("stft") if hasattr(reader, "metadata") else None
+    if not d:
+        return None
+    from .stft import StftConfig
+    return StftConfig.from_dict(d)
+
+
+def _to_numpy(x):
+    try:
+        import torch
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().numpy() if x.dtype != torch.bfloat16 else x.float().numpy()
+    except ImportError:
+        pass
+    return np.asarray(x)
+
+
+def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: bool = True):
+    """Draw one STFT item in dB, with time in seconds and frequency in Hz from ``cfg`` (frames and bins
+    without it). Multichannel items ([C, freqs, frames]) show their first channel. Returns the Figure."""
+    plt = _plt()
+    x = _to_numpy(spec)
+    if x.ndim == 3:
+        x = x[0]
+    if x.ndim != 2:
+        raise ValueError(f"a spectrogram is [freqs, frames] (or [channels, freqs, frames]); got shape {x.shape}")
+    if cfg is not None:
+        from .stft import to_db
+        db = to_db(x, cfg)
+        t = cfg.times(x.shape[1])
+        f = cfg.frequencies()
+        extent = [t[0] if len(t) else 0, t[-1] if len(t) else 0, f[0], f[-1]]
+        xlabel, ylabel = "time (s)", "frequency (Hz)"
+    else:
+        p = np.abs(x).astype(np.float64) ** 2 if np.iscomplexobj(x) else x.astype(np.float64)
+        db = 10 * np.log10(np.maximum(np.abs(p), 1e-10))
+        extent, xlabel, ylabel = [0, x.shape[1], 0, x.shape[0]], "frame", "bin"
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+    else:
+        fig = ax.figure
+    vmax = float(np.max(db)) if db.size else 0.0
+    im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vmax - 80, vmax=vmax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        fig.colorbar(im, ax=ax, label="dB")
+    return fig
+
+
+def array(value, *, ax=None, title: str | None = None):
+    """Draw a generic array by its shape: 1-D as a line, 2-D (or image-like 3-D) as an image."""
+    plt = _plt()
+    x = _to_numpy(value)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3))
+    else:
+        fig = ax.figure
+    if np.iscomplexobj(x):
+        x = np.abs(x)
+    if x.ndim == 0 or x.size == 0:
+        ax.text(0.5, 0.5, f"{x!r}"[:80], ha="center", va="center")
+        ax.axis("off")
+    elif x.ndim == 1:
+        ax.plot(x)
+        ax.set_xlabel("index")
+    else:
+        if x.ndim == 3 and x.shape[-1] in (3, 4):
+            img = x
+        elif x.ndim == 3 and x.shape[0] in (1, 3, 4):
+            img = np.moveaxis(x, 0, -1)
+        else:
+            img = x.reshape(-1, x.shape[-1])
+        if img.ndim == 3 and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim == 3:
+            img = (img - img.min()) / (np.ptp(img) or 1)
+            ax.imshow(img, aspect="auto")
+        else:
+            im = ax.imshow(img.astype(np.float64), aspect="auto", origin="lower", cmap="viridis")
+            fig.colorbar(im, ax=ax)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def is_array(v) -> bool:
+    return hasattr(v, "shape") and hasattr(v, "dtype") and len(getattr(v, "shape", ())) > 0
+
+
+def item_figure(sample: dict, cfg=None, *, title: str | None = None, field: str = "stft"):
+    """One item: its STFT as a spectrogram when the database has an StftConfig, else every array field
+    drawn by shape. Returns the Figure."""
+    plt = _plt()
+    if cfg is not None and field in sample:
+        return spectrogram(sample[field], cfg, title=title)
+    arrays = [(k, v) for k, v in sample.items() if is_array(v)]
+    if not arrays:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.text(0.5, 0.5, "no array fields", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    fig, axes = plt.subplots(1, len(arrays), figsize=(5 * len(arrays), 3), squeeze=False)
+    for ax, (k, v) in zip(axes[0], arrays):
+        array(v, ax=ax, title=f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def metadata_rows(sample: dict) -> list[tuple[str, str]]:
+    """(field, text) for a sample's table: metadata values as they are, arrays as shape and dtype."""
+    rows = []
+    for k, v in sample.items():
+        if is_array(v):
+            rows.append((k, f"{str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}"))
+        else:
+            text = repr(v)
+            rows.append((k, text if len(text) <= 120 else text[:117] + "..."))
+    return rows
+
+
+def choose_spot_check(reader, *, indices=None, per_label: int = 2, seed: int = 0,
+                      label_field: str | None = None) -> list[int]:
+    """Items to spot-check: the given indices, else a seeded random choice of ``per_label`` items per label
+    (through the secondary index), else ``per_label * 4`` random items."""
+    n = len(reader)
+    if indices:
+        for i in indices:
+            if not -n <= i < n:
+                raise IndexError(f"spot-check index {i} is out of range for {reader.path}, which holds {n} items")
+        return [i % n for i in indices]
+    rng = np.random.default_rng(seed)
+    fields = [f for f in ((label_field,) if label_field else ("label", "label_name")) if f in reader.index_fields]
+    if fields:
+        out = []
+        for value, _count in reader.values(fields[0]):
+            members = reader.query(**{fields[0]: value})
+            out += sorted(rng.choice(members, size=min(per_label, len(members)), replace=False).tolist())
+        return out
+    return sorted(rng.choice(n, size=min(n, per_label * 4), replace=False).tolist())
+
+
+def spot_check_grid(reader, indices: list[int], *, cols: int = 4, field: str = "stft"):
+    """A grid of items (spectrograms for STFT databases), each titled with its index, key and label."""
+    plt = _plt()
+    cfg = stft_config(reader)
+    rows = max(1, -(-len(indices) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, indices):
+        ax.axis("on")
+        s = reader[i]
+        title = item_title(reader, i, s)
+        if cfg is not None and field in s:
+            spectrogram(s[field], cfg, ax=ax, title=title, colorbar=False)
+        else:
+            arrays = [v for v in s.values() if is_array(v)]
+            array(arrays[0] if arrays else np.zeros(0), ax=ax, title=title)
+    fig.tight_layout()
+    return fig
+
+
+def item_title(reader, i: int, sample: dict) -> str:
+    key = reader.key_of(i)
+    label = sample.get("label_name", sample.get("label"))
+    return f"#{i} {key}" + (f" [{label}]" if label is not None else "")
+
+
+def spot_check(source, output_dir, *, split: str | None = None, indices=None, per_label: int = 2, seed: int = 0,
+               allow_pickle: bool = False, cols: int = 4) -> dict:
+    """Headless inspection: a grid of spot-check items (given indices, or a seeded random choice per label)
+    of one split of ``source`` (a database, split folder or shard folder), saved as ``spot_check.png`` plus
+    one PNG per item in output_dir. Returns a summary naming the items shown."""
+    from .reader import MultiReader
+    from .store import resolve_paths
+    groups: dict[str, list[str]] = {}
+    for p in resolve_paths(source):
+        groups.setdefault(split_name(p), []).append(str(p))
+    chosen_split = split or ("train" if "train" in groups else next(iter(groups)))
+    if chosen_split not in groups:
+        raise ValueError(f"split={split!r} is not in {source}; splits there are {sorted(groups)}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    with MultiReader(groups[chosen_split], decode_to="auto", allow_pickle=allow_pickle) as r:
+        chosen = choose_spot_check(r, indices=indices, per_label=per_label, seed=seed)
+        cfg = stft_config(r)
+        items, files = [], []
+        for i in chosen:
+            s = r[i]
+            fig = item_figure(s, cfg, title=item_title(r, i, s))
+            path = out / f"item_{chosen_split}_{i:06d}.png"
+            fig.savefig(path, dpi=90, bbox_inches="tight")
+            plt.close(fig)
+            files.append(str(path))
+            items.append({"index": i, "key": r.key_of(i), "label": s.get("label"), "label_name": s.get("label_name"),
+                          "png": str(path)})
+        grid = spot_check_grid(r, chosen, cols=cols)
+        grid_path = out / "spot_check.png"
+        grid.savefig(grid_path, dpi=90, bbox_inches="tight")
+        plt.close(grid)
+        return {"source": str(source), "split": chosen_split, "splits": sorted(groups), "items_in_split": len(r),
+                "stft": cfg.to_dict() if cfg else None, "items": items, "grid": str(grid_path)}

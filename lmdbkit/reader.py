@@ -9,6 +9,7 @@ writer is still appending, and a writer's map growth is adopted invisibly.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import pickle
@@ -327,3 +328,136 @@ class Reader:
     def __repr__(self) -> str:
         kind = "legacy pickle" if self.legacy else ("complete" if self._meta.get("complete") else "incomplete")
         return f"<lmdbkit.Reader {self.path!r} items={len(self)} {kind}>"
+
+
+class MultiReader:
+    """Several databases read as one (shards, or a list/folder/glob of databases), with global indices.
+
+    Keyword options are those of Reader. LMDBDataset is this plus torch; the widgets and plots use it as is.
+    """
+
+    def __init__(self, paths, **reader_kw):
+        self.paths = [str(p) for p in store.resolve_paths(paths)]
+        self.readers: list[Reader] = []
+        try:
+            for p in self.paths:
+                self.readers.append(Reader(p, **reader_kw))
+        except BaseException:
+            self.close()
+            raise
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the lengths (for databases that are still being written)."""
+        self.offsets = [0]
+        for r in self.readers:
+            self.offsets.append(self.offsets[-1] + len(r))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def path(self) -> str:
+        return self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} databases ({self.paths[0]}, ...)"
+
+    def locate(self, i: int) -> tuple[Reader, int]:
+        """The reader holding global index ``i`` and the index within it."""
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"index {i} is out of range for {self.path}, which "
+                             f"hold{'s' if len(self.paths) == 1 else ''} {n} items")
+        r = bisect.bisect_right(self.offsets, j) - 1
+        return self.readers[r], j - self.offsets[r]
+
+    def __getitem__(self, i: int) -> dict:
+        reader, j = self.locate(i)
+        return reader[j]
+
+    def read_many(self, indices) -> list[dict]:
+        """Items by global index, in the order asked: one read transaction per database touched."""
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for pos, i in enumerate(indices):
+            reader, j = self.locate(i)
+            groups.setdefault(id(reader), []).append((pos, j))
+        out: list = [None] * sum(len(g) for g in groups.values())
+        by_id = {id(r): r for r in self.readers}
+        for rid, pairs in groups.items():
+            for (pos, _), sample in zip(pairs, by_id[rid].read_many(j for _, j in pairs)):
+                out[pos] = sample
+        return out
+
+    def __iter__(self):
+        for r in self.readers:
+            yield from r
+
+    def index_of(self, key: str) -> int | None:
+        """The global index of a key, or None."""
+        for r, off in zip(self.readers, self.offsets):
+            j = r.index_of(key)
+            if j is not None:
+                return off + j
+        return None
+
+    def get(self, key: str, default: Any = KeyError) -> dict:
+        i = self.index_of(key)
+        if i is None:
+            if default is KeyError:
+                raise KeyError(f"key {key!r} is not in {self.paths}")
+            return default
+        return self[i]
+
+    def key_of(self, i: int) -> str | None:
+        reader, j = self.locate(i)
+        return reader.key_of(j)
+
+    def keys(self) -> list[str]:
+        return [k for r in self.readers for k in r.keys()]
+
+    @property
+    def meta(self) -> dict:
+        """The format record of the first database; with several, ``count`` is the total."""
+        m = dict(self.readers[0].meta)
+        if len(self.readers) > 1:
+            m["count"] = len(self)
+            m["databases"] = self.paths
+        return m
+
+    @property
+    def metadata(self) -> dict:
+        return self.readers[0].metadata
+
+    @property
+    def metas(self) -> list[dict]:
+        return [r.meta for r in self.readers]
+
+    @property
+    def index_fields(self) -> list[str]:
+        """Fields indexed in every database."""
+        fields = [f for f in self.readers[0].index_fields if all(f in r.index_fields for r in self.readers)]
+        return fields
+
+    def query(self, **conditions: Any) -> list[int]:
+        """Global indices of the items matching an index query (see Reader.query)."""
+        return [off + j for r, off in zip(self.readers, self.offsets) for j in r.query(**conditions)]
+
+    def values(self, field: str) -> list[tuple[Any, int]]:
+        """Distinct values of an indexed field with their counts, over every database."""
+        merged: dict[tuple[str, Any], list] = {}
+        for r in self.readers:
+            for v, n in r.values(field):
+                merged.setdefault((type(v).__name__, v), [v, 0])[1] += n
+        return [(v, n) for v, n in merged.values()]
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def __enter__(self) -> "MultiReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<lmdbkit.MultiReader {len(self)} items from {len(self.paths)} database(s)>"

@@ -83,3 +83,18 @@ def test_benchmark_notebook(ci_run):
     s = json.loads((out / "summary.json").read_text())
     assert s["database"]["items"] > 0 and s["targets"] and s["ratios"]
     assert {p.split("/")[-1] for p in s["figures"]} == {"bench_reads.png", "bench_open.png", "bench_dataloader.png"}
+
+
+def test_inspect_notebook(ci_run):
+    base, data = ci_run
+    out = base / "inspect"
+    notebooks.run("inspect", base / "inspect.ipynb", profile="ci", parameters={"data_dir": str(data), "output_dir": str(out)})
+    s = json.loads((out / "summary.json").read_text())
+    assert s["split"] == "train" and len(s["items"]) == 8  # one per class
+    for path in [s["grid"]] + [i["png"] for i in s["items"]]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_all_four_notebooks_are_in_the_demo():
+    assert notebooks.available() == list(notebooks.ORDER)

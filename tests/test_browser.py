@@ -1,0 +1,131 @@
+"""inspect.ipynb in a real JupyterLab, in headless Chromium driven by Playwright: run all cells, move the
+slider, and see the index and the rendered spectrogram change. Screenshots go to test-artifacts/browser/.
+
+Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it). Skip locally with -m "not browser".
+"""
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lmdbkit import notebooks
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(demo_data, tmp_path):
+    """A JupyterLab server on 127.0.0.1 (free port, token) serving a copy of inspect.ipynb set to interactive."""
+    import papermill as pm
+    root = tmp_path / "lab"
+    root.mkdir()
+    pm.execute_notebook(str(notebooks.NOTEBOOKS / "inspect.ipynb"), str(root / "inspect.ipynb"), prepare_only=True,
+                        parameters={"interactive": True, "data_dir": str(demo_data), "output_dir": str(tmp_path / "out"),
+                                    "per_label": 1}, kernel_name="python3")
+    port, token = _free_port(), secrets.token_hex(16)
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
+    log = open(tmp_path / "lab.log", "w")
+    root_flag = ["--allow-root"] if os.geteuid() == 0 else []  # CI machines run as root
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", *root_flag,
+                             f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
+                             f"--ServerApp.root_dir={root}", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+                             "jupyterlab.NeverCheckForUpdate"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield base, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_inspect_notebook_in_jupyterlab(lab):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium); .ci/run does")
+    base, token = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        try:
+            page.goto(f"{base}/lab/tree/inspect.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+            status = page.locator(".widget-html-content:has-text('of ')").filter(has_text="item ").first
+            for attempt in range(4):  # a click that lands before the kernel session is wired up runs nothing
+                page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+                page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+                try:
+                    status.wait_for(timeout=30_000)
+                    break
+                except PlaywrightTimeout:
+                    if attempt == 3:
+                        raise
+            news = page.locator(".jp-Notification-Toast button:text-is('No')")
+            if news.count():
+                news.first.click()
+            plot_img = page.locator(".jp-OutputArea-output img").first
+            plot_img.wait_for(timeout=60_000)
+            before_text, before_img = status.inner_text(), plot_img.get_attribute("src")
+            assert before_text.startswith("item 0 of"), before_text
+            page.locator(".widget-slider").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "1-after-run-all.png"), full_page=True)
+
+            handle = page.locator(".widget-hslider .noUi-handle").first
+            handle.focus()
+            for _ in range(3):
+                handle.press("ArrowRight")
+            page.wait_for_function("() => { const e = [...document.querySelectorAll('.widget-html-content')]"
+                                   ".find(x => x.innerText.startsWith('item ')); return e && e.innerText.startsWith('item 3 of'); }",
+                                   timeout=60_000)
+            page.wait_for_selector(".lmdbkit-caption:text-matches('^#3 ')", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            caption = page.locator(".lmdbkit-caption").first.inner_text()
+            after_text = status.inner_text()
+            after_img = plot_img.get_attribute("src")
+            number = page.locator(".widget-inline-hbox input[type=number]").first.input_value()
+            page.screenshot(path=str(ARTIFACTS / "2-after-slider.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert after_text.startswith("item 3 of") and after_text != before_text, after_text
+    assert number == "3"  # the linked number box followed the slider
+    assert caption.startswith("#3 ") and caption.split()[1] in after_text  # the figure shows item 3 ...
+    assert after_img != before_img and after_img.startswith("data:image/png")  # ... a different spectrogram
+    (ARTIFACTS / "timing.txt").write_text(f"browser part: {time.time() - t0:.1f} s\n{before_text}\n{after_text}\n")
