@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,18 +21,14 @@ EPILOG = """examples:
 """
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in Path(path).rglob("*") if p.is_file())
-
-
 def cmd_info(a) -> int:
+    from . import store
     from .reader import Reader
     out = []
-    from .store import resolve_paths
-    for p in resolve_paths(a.path):
+    for p in store.resolve_paths(a.path):
         with Reader(p, allow_pickle=a.allow_pickle) as r:
             m = r.meta
-            info = {"path": str(p), "items": len(r), "bytes_on_disk": _du(p), "format": m.get("format"),
+            info = {"path": str(p), "items": len(r), "bytes_on_disk": store.disk_usage(p), "format": m.get("format"),
                     "version": m.get("version"), "complete": m.get("complete"), "schema": m.get("schema"),
                     "index_fields": r.index_fields, "stft": r.metadata.get("stft"),
                     "labels": r.metadata.get("labels"), "created": m.get("created"), "updated": m.get("updated"),
@@ -93,7 +88,7 @@ def cmd_compact(a) -> int:
         r._handle().env.copy(str(dest), compact=True)
     if (src / store.METADATA_JSON).exists():
         shutil.copy2(src / store.METADATA_JSON, dest / store.METADATA_JSON)
-    before, after = _du(src), _du(dest)
+    before, after = store.disk_usage(src), store.disk_usage(dest)
     print(f"compacted {src} ({before / 2**20:.1f} MiB) into {dest} ({after / 2**20:.1f} MiB)")
     return 0
 

@@ -270,12 +270,15 @@ def checksum_ok(buf) -> bool:
     return xxhash.xxh3_64_intdigest(memoryview(buf)[PREFIX_SIZE:]) == stored
 
 
-def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False) -> tuple[str | None, dict]:
+def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
+           out: dict[str, np.ndarray] | None = None) -> tuple[str | None, dict]:
     """Decode one item into (key, sample). ``buf`` may be bytes or a memoryview into a memory map.
 
     decode_to: "auto" gives back the kind that was written (torch tensor or numpy array; numpy when torch
     cannot be imported), "numpy" gives numpy arrays, "torch" gives torch tensors (numpy scalars stay scalars).
     verify: check the checksum first (compressed arrays are always checked before they are inflated).
+    out: destinations for top-level array fields (C-contiguous numpy arrays, e.g. views into one batch
+    tensor): those arrays are copied there (still one copy) and the field holds the destination.
     """
     buf = memoryview(buf)
     if len(buf) < PREFIX_SIZE:
@@ -308,7 +311,8 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False) -> tuple[
                 raise ValueError
         except (ValueError, TypeError):
             raise _corrupt(f"malformed array descriptor {desc!r}"[:200]) from None
-        fields[name] = _array(buf, start, stored, verify, kind, dcode, ccode, off, n, shape, decode_to, torch)
+        fields[name] = _array(buf, start, stored, verify, kind, dcode, ccode, off, n, shape, decode_to, torch,
+                              None if out is None else out.get(name))
     for name, value in fields.items():
         t = type(value)
         if t is list or t is dict or t is msgpack.ExtType:
@@ -350,7 +354,7 @@ def _ext_array(ext, ctx: _Ctx):
     return _array(ctx.buf, ctx.start, ctx.stored, True, kind, dcode, ccode, off, n, shape, ctx.decode_to, ctx.torch)
 
 
-def _array(buf, start, stored, verified, kind, dcode, ccode, off, n, shape, decode_to, torch):
+def _array(buf, start, stored, verified, kind, dcode, ccode, off, n, shape, decode_to, torch, dest=None):
     """One array from the payload: bounds-checked, then exactly one copy out of ``buf``."""
     name = _NAME.get(dcode)
     if name is None or kind not in (0, 1, 2):
@@ -377,6 +381,13 @@ def _array(buf, start, stored, verified, kind, dcode, ccode, off, n, shape, deco
             raise _corrupt(f"cannot decompress array: {exc}") from exc
     if len(raw) != nbytes:
         raise _corrupt(f"array of shape {tuple(shape)} {name} needs {nbytes} bytes, found {len(raw)}")
+    if dest is not None:
+        if dest.shape != tuple(shape) or dest.dtype.itemsize != dt.itemsize or not dest.flags.c_contiguous:
+            raise LmdbkitError(f"decode destination of shape {dest.shape} {dest.dtype} does not fit the stored "
+                               f"{name} array of shape {tuple(shape)}")
+        if size:
+            np.copyto(dest.view(dt), np.ndarray(shape, dt, raw))  # the one copy, into the caller's buffer
+        return dest
     arr = np.ndarray(shape, dt, raw).copy() if size else np.empty(shape, dt)  # the one copy
     return _finish(arr, name, kind, decode_to, torch)
 
@@ -407,15 +418,27 @@ def _numpy_bf16(arr: np.ndarray, name: str) -> np.ndarray:
 
 def decode_header(buf) -> tuple[str | None, dict]:
     """(key, fields) with metadata values decoded and array fields None: nothing is copied out of the payload."""
+    key, fields, _arrays = header(buf)
+    return key, fields
+
+
+def header(buf) -> tuple[str | None, dict, list]:
+    """(key, fields with top-level arrays as None, array descriptors [field, kind, dtype code, compression,
+    offset, length, shape]) without touching the payload."""
     buf = memoryview(buf)
     hlen, _ = read_prefix(buf)
     try:
-        key, fields, _arrays = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
+        key, fields, arrays = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
     except Exception as exc:
         raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
-    if type(fields) is not dict:
+    if type(fields) is not dict or type(arrays) is not list:
         raise _corrupt("header is not a sample record")
-    return key, fields
+    return key, fields, arrays
+
+
+def dtype_name(code: int) -> str | None:
+    """The dtype name of a descriptor's dtype code (None if unknown)."""
+    return _NAME.get(code)
 
 
 def peek_key(buf) -> str | None:

@@ -27,11 +27,15 @@ class LMDBDataset(Dataset):
 
     def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *,
                  transform: Callable[[dict], Any] | None = None, decode_to: codec.DecodeTo = "torch",
-                 verify: bool = False, allow_pickle: bool = False, max_readers: int = 126):
+                 verify: bool = False, allow_pickle: bool = False, max_readers: int = 126, prebatch: bool = False):
         self.source = MultiReader(paths, decode_to=decode_to, verify=verify, allow_pickle=allow_pickle,
                                   max_readers=max_readers)
         self.paths, self.readers = self.source.paths, self.source.readers
         self.transform = transform
+        if prebatch and (transform is not None or decode_to != "torch" or allow_pickle):
+            raise LmdbkitError("prebatch=True collates raw torch items: it needs transform=None, "
+                               "decode_to='torch' and no legacy databases")
+        self.prebatch = prebatch
 
     def refresh(self) -> None:
         """Re-read the lengths (for databases that are still being written)."""
@@ -54,9 +58,50 @@ class LMDBDataset(Dataset):
     def __getitem__(self, i: int) -> Any:
         return self._out(self.source[i])
 
-    def __getitems__(self, indices: list[int]) -> list:
-        """A batch: one read transaction per database touched, items in the order asked."""
+    def __getitems__(self, indices: list[int]) -> list | "Batch":
+        """A batch: one read transaction per database touched, items in the order asked.
+
+        With ``prebatch=True`` it returns one collated ``Batch`` instead: each array field is copied from the
+        memory map straight into its slot of one batch tensor (in shared memory inside a DataLoader worker),
+        which saves the second copy a collate would make. Use lmdbkit's ``collate`` (create_data_loader does);
+        batches whose items differ in shape fall back to a list of samples.
+        """
+        if self.prebatch:
+            batch = self._prebatched(indices)
+            if batch is not None:
+                return batch
         return [self._out(s) for s in self.source.read_many(indices)]
+
+    def _prebatched(self, indices: list[int]) -> "Batch | None":
+        from contextlib import ExitStack
+        located = [self.source.locate(i) for i in indices]
+        with ExitStack() as stack:
+            txns = {id(r): stack.enter_context(r._txn()) for r, _ in located}
+            bufs = [r._raw(txns[id(r)], j) for r, j in located]
+            if any(b is None for b in bufs):
+                return None
+            heads = [codec.header(b) for b in bufs]
+            first = {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in heads[0][2]}
+            for _, _, arrays in heads[1:]:
+                if {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in arrays} != first:
+                    return None  # shapes or dtypes differ within the batch
+            outs = {}
+            in_worker = torch.utils.data.get_worker_info() is not None
+            for name, (_kind, dcode, _ccode, shape) in first.items():
+                dtype = getattr(torch, codec.dtype_name(dcode))
+                outs[name] = _batch_tensor(dtype, (len(indices), *shape), shared=in_worker)
+            views = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in outs.items()}
+            metas = []
+            for b, (buf, (r, j)) in enumerate(zip(bufs, located)):
+                try:
+                    _, fields = codec.decode(buf, decode_to="numpy", verify=r.verify,
+                                             out={name: v[b] for name, v in views.items()})
+                except codec.CorruptItemError as exc:
+                    raise exc.at(r.path, j) from exc
+                metas.append({k: v for k, v in fields.items() if k not in outs})
+        batch = Batch(_collate_rest(metas, set()) if metas and metas[0] else {})
+        batch.update(outs)
+        return Batch({k: batch[k] for k in heads[0][1]})  # the fields in their stored order
 
     def get(self, key: str) -> Any:
         """The item written under ``key`` (searched in every database)."""
@@ -93,6 +138,22 @@ class LMDBDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"<lmdbkit.LMDBDataset {len(self)} items from {len(self.paths)} database(s): {self.paths[:3]}>"
+
+
+class Batch(dict):
+    """A batch that LMDBDataset(prebatch=True) collated itself; lmdbkit's collate passes it through."""
+
+
+def _batch_tensor(dtype: torch.dtype, shape: tuple, *, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory when asked (as default_collate allocates in workers)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for d in shape:
+        numel *= d
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(numel, device=elem.device)
+    return elem.new(storage).resize_(*shape)
 
 
 # -- transforms -------------------------------------------------------------------------------------
@@ -292,8 +353,11 @@ def crop_collate(batch: list[dict], *, field: str = "stft") -> dict:
     return out
 
 
-def collate(batch: list[dict]) -> dict:
-    """Default collate for sample dicts that keeps strings and None as lists instead of failing."""
+def collate(batch: list[dict] | Batch) -> dict:
+    """Default collate for sample dicts that keeps strings and None as lists instead of failing, and passes
+    through a batch that LMDBDataset(prebatch=True) collated itself."""
+    if isinstance(batch, Batch):
+        return batch
     return _collate_rest(batch, set())
 
 
@@ -332,7 +396,13 @@ def create_data_loader(db_path, transform: Callable | None = None, batch_size: i
     """A DataLoader over ``LMDBDataset(db_path)``: seeded shuffling and workers, persistent workers, pinned
     memory when ``target_device`` is CUDA, and a ShardSampler by itself when torch.distributed is
     initialised (call ``loader.sampler.set_epoch(epoch)`` each epoch, as with DistributedSampler)."""
-    ds = db_path if isinstance(db_path, (Dataset,)) else LMDBDataset(db_path, transform=transform, **dataset_kw)
+    if isinstance(db_path, Dataset):
+        ds = db_path
+    else:
+        # without a per-sample transform, items go straight from the memory map into the batch tensors
+        dataset_kw.setdefault("prebatch", transform is None and collate_fn is None
+                              and dataset_kw.get("decode_to", "torch") == "torch" and not dataset_kw.get("allow_pickle"))
+        ds = LMDBDataset(db_path, transform=transform, **dataset_kw)
     sampler = None
     if dist.is_available() and dist.is_initialized():
         sampler = ShardSampler(ds, shuffle=shuffle, seed=seed)

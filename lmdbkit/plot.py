@@ -8,6 +8,7 @@ from typing import Iterable
 
 import numpy as np
 
+from . import store
 from .reader import Reader
 
 
@@ -20,12 +21,6 @@ def _plt():
     return plt
 
 
-def split_name(path: str | os.PathLike) -> str:
-    """`train` for .../train.lmdb or .../train-0-of-2.lmdb."""
-    name = Path(path).name.removesuffix(".lmdb")
-    return name.split("-", 1)[0]
-
-
 def class_balance(paths: Iterable[str | os.PathLike], field: str = "label_name"):
     """Items per class in each database (from the secondary index on ``field``), as grouped bars."""
     plt = _plt()
@@ -36,8 +31,8 @@ def class_balance(paths: Iterable[str | os.PathLike], field: str = "label_name")
             if f is None:
                 raise ValueError(f"{p} has no index on {field!r} or 'label'; indexed fields are {r.index_fields}")
             for value, n in r.values(f):
-                counts.setdefault(split_name(p), {}).setdefault(value, 0)
-                counts[split_name(p)][value] += n
+                counts.setdefault(store.split_name(p), {}).setdefault(value, 0)
+                counts[store.split_name(p)][value] += n
     classes = sorted({c for d in counts.values() for c in d}, key=str)
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(classes) + 2), 3.5))
     width = 0.8 / max(1, len(counts))
@@ -343,10 +338,7 @@ def spot_check(source, output_dir, *, split: str | None = None, indices=None, pe
     of one split of ``source`` (a database, split folder or shard folder), saved as ``spot_check.png`` plus
     one PNG per item in output_dir. Returns a summary naming the items shown."""
     from .reader import MultiReader
-    from .store import resolve_paths
-    groups: dict[str, list[str]] = {}
-    for p in resolve_paths(source):
-        groups.setdefault(split_name(p), []).append(str(p))
+    groups = store.group_by_split(source)
     chosen_split = split or ("train" if "train" in groups else next(iter(groups)))
     if chosen_split not in groups:
         raise ValueError(f"split={split!r} is not in {source}; splits there are {sorted(groups)}")

@@ -186,7 +186,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     for w in writers.values():
         w.close()
     for split, w in writers.items():  # bytes on disk, now that everything is synced
-        summary["splits"][split]["bytes"] = _du(w.path)
+        summary["splits"][split]["bytes"] = store.disk_usage(w.path)
     return summary
 
 
@@ -263,10 +263,6 @@ def _batched_stft(segs: list[np.ndarray], cfg: StftConfig, dev: torch.device) ->
         for j, i in enumerate(idx):
             out[i] = spec[j].clone() if len(idx) > 1 else spec[j]
     return out
-
-
-def _du(path: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in Path(path).iterdir() if p.is_file())
 
 
 def _summary(writers, root, out, stats, resumed_files, elapsed, stft_cfg, dev, shard_index, num_shards,

@@ -254,3 +254,25 @@ def resolve_paths(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     if not paths:
         raise LmdbkitError("an empty list of databases was given; pass at least one path")
     return paths
+
+
+def disk_usage(path: str | os.PathLike) -> int:
+    """Bytes on disk (allocated blocks, so sparse files count what they hold) of a file or a directory tree."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_blocks * 512 for p in files)
+
+
+def split_name(path: str | os.PathLike) -> str:
+    """The split a database belongs to: `train` for .../train.lmdb and .../train-0-of-2.lmdb."""
+    return Path(path).name.removesuffix(SUFFIX).split("-", 1)[0]
+
+
+def group_by_split(spec) -> dict[str, list[str]]:
+    """{split: [database paths]} for a database, a split folder, a shard folder, a glob or a list;
+    train, val and test first."""
+    groups: dict[str, list[str]] = {}
+    for p in resolve_paths(spec):
+        groups.setdefault(split_name(p), []).append(str(p))
+    order = {"train": 0, "val": 1, "test": 2}
+    return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))

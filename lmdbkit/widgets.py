@@ -20,18 +20,9 @@ from IPython.display import HTML, Audio, display
 
 from . import plot
 from .reader import MultiReader
-from .store import resolve_paths
+from .store import group_by_split
 
 ALL = "(all)"
-
-
-def group_by_split(source: str | os.PathLike) -> dict[str, list[str]]:
-    """{split: [database paths]} for a database, a split folder, a shard folder or a glob."""
-    groups: dict[str, list[str]] = {}
-    for p in resolve_paths(source):
-        groups.setdefault(plot.split_name(p), []).append(str(p))
-    order = {"train": 0, "val": 1, "test": 2}
-    return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
 
 
 class Browser:

@@ -67,6 +67,17 @@ def lab(demo_data, tmp_path):
         log.close()
 
 
+def _accept_kernel_dialog(page) -> None:
+    """JupyterLab sometimes asks which kernel to start (a fresh user config); take the proposed Python 3."""
+    dialog = page.locator(".jp-Dialog:has-text('Select Kernel')")
+    try:
+        dialog.wait_for(timeout=3_000)
+    except Exception:
+        return
+    dialog.locator("button:has-text('Select')").click()
+    dialog.wait_for(state="detached", timeout=10_000)
+
+
 def test_inspect_notebook_in_jupyterlab(lab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
@@ -84,9 +95,11 @@ def test_inspect_notebook_in_jupyterlab(lab):
         try:
             page.goto(f"{base}/lab/tree/inspect.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            _accept_kernel_dialog(page)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
             status = page.locator(".widget-html-content:has-text('of ')").filter(has_text="item ").first
             for attempt in range(4):  # a click that lands before the kernel session is wired up runs nothing
+                _accept_kernel_dialog(page)
                 page.click(".lm-MenuBar-itemLabel:text-is('Run')")
                 page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
                 try:

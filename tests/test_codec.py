@@ -7,7 +7,6 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-import lmdbkit
 from lmdbkit import codec
 from lmdbkit.errors import CorruptItemError, EncodeError, LmdbkitError
 

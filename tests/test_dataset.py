@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -94,11 +95,12 @@ def test_transform_subset_and_pickle(small_db):
 
 
 def test_close_releases_environment(small_db):
+    before = store.open_count()
     ds = lmdbkit.LMDBDataset(small_db)
     ds[0]
     ds.close()
     ds.close()
-    assert store.open_count() == 0
+    assert store.open_count() == before
 
 
 def test_import_lmdbkit_does_not_import_torch():
@@ -118,3 +120,53 @@ def test_public_names_are_pinned():
     ])
     for name in lmdbkit.__all__:
         assert getattr(lmdbkit, name) is not None
+
+
+@pytest.fixture
+def fixed_db(tmp_path):
+    p = tmp_path / "fixed.lmdb"
+    with lmdbkit.Writer(p, index_fields=("label",)) as w:
+        for i in range(40):
+            w.append({"x": torch.full((3, 4), float(i)), "c": torch.full((2,), complex(i, -i), dtype=torch.complex64),
+                      "bf": torch.full((2,), float(i), dtype=torch.bfloat16), "y": np.arange(2) + i,
+                      "label": i % 3, "name": f"n{i}", "extra": None}, key=f"k{i}")
+    return p
+
+
+def test_prebatch_equals_collating_samples(fixed_db):
+    from torch.utils.data import default_collate
+    from lmdbkit.dataset import Batch, collate
+    plain, pre = lmdbkit.LMDBDataset(fixed_db), lmdbkit.LMDBDataset(fixed_db, prebatch=True)
+    idx = [7, 0, 39, 12]
+    batch = pre.__getitems__(idx)
+    assert isinstance(batch, Batch) and list(batch) == ["x", "c", "bf", "y", "label", "name", "extra"]
+    ref = collate(plain.__getitems__(idx))
+    for k in ("x", "c", "bf", "y", "label"):
+        assert torch.equal(batch[k], ref[k]) and batch[k].dtype == ref[k].dtype, k
+    assert batch["name"] == ["n7", "n0", "n39", "n12"] and batch["extra"] == [None] * 4
+    assert torch.equal(batch["x"], default_collate([plain[i]["x"] for i in idx]))
+    assert collate(batch) is batch
+
+
+def test_prebatch_falls_back_for_variable_shapes(small_db, tmp_path):
+    p = tmp_path / "var.lmdb"
+    with lmdbkit.Writer(p) as w:
+        for n in (3, 3, 5):
+            w.append({"x": torch.zeros(n)})
+    out = lmdbkit.LMDBDataset(p, prebatch=True).__getitems__([0, 1, 2])
+    assert isinstance(out, list) and [s["x"].shape[0] for s in out] == [3, 3, 5]
+    assert isinstance(lmdbkit.LMDBDataset(p, prebatch=True).__getitems__([0, 1]), dict)
+    with pytest.raises(lmdbkit.LmdbkitError, match="prebatch=True collates raw torch items"):
+        lmdbkit.LMDBDataset(p, prebatch=True, transform=lambda s: s)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_create_data_loader_prebatches_into_shared_memory(fixed_db, workers):
+    loader = lmdbkit.create_data_loader(fixed_db, batch_size=8, num_workers=workers, shuffle=True)
+    assert loader.dataset.prebatch
+    batches = list(loader)
+    assert sorted(torch.cat([b["label"] for b in batches]).tolist()) == sorted(i % 3 for i in range(40))
+    xs = torch.cat([b["x"][:, 0, 0] for b in batches]).long().tolist()
+    assert sorted(xs) == list(range(40))
+    assert batches[0]["x"].is_shared() == (workers > 0)  # allocated in shared memory by the worker
+    assert not lmdbkit.create_data_loader(fixed_db, transform=lambda s: s, num_workers=0).dataset.prebatch

@@ -5,7 +5,8 @@ import pytest
 
 import lmdbkit
 from lmdbkit import plot
-from lmdbkit.widgets import ALL, Browser, group_by_split
+from lmdbkit.store import group_by_split
+from lmdbkit.widgets import ALL, Browser
 
 
 @pytest.fixture
