@@ -117,6 +117,13 @@ class Writer:
         self.durable = durable
         self.closed = False
         try:
+            if mode == "append":  # before anything is written: refuse environments that are not ours
+                if store.looks_legacy(self._h):
+                    raise UnsafeFormatError(f"{self.path} is a legacy pickle-in-LMDB database; append to it is "
+                                            "refused. Convert it first: lmdbkit convert legacy")
+                if self._foreign_keys():
+                    raise NotADatabaseError(f"{self.path} is an LMDB environment with other data, not an lmdbkit "
+                                            "database; refusing to write into it. Choose another path")
             self._open_dbs()
             stored = store.read_meta(self._h)
             if mode == "append" and stored is not None:
@@ -124,9 +131,6 @@ class Writer:
                 # from here on the database is unfinished: new readers must use locking
                 store.write_metadata_json(self.path, dict(self.meta, complete=False))
             else:
-                if mode == "append" and store.looks_legacy(self._h):
-                    raise UnsafeFormatError(f"{self.path} is a legacy pickle-in-LMDB database; append to it is "
-                                            "refused. Convert it first: lmdbkit convert legacy")
                 self.count = 0
                 self.schema: dict = {}
                 self.meta = {"format": store.FORMAT_NAME, "version": store.FORMAT_VERSION, "count": 0,
@@ -169,6 +173,13 @@ class Writer:
                 raise DatabaseBusyError(f"{p} is open in this process; close its readers before overwriting it")
             shutil.rmtree(p)
             p.mkdir(parents=True)
+
+    def _foreign_keys(self) -> list[bytes]:
+        """Keys of the main database that are not lmdbkit's sub-databases (another program's data)."""
+        ours = {store.ITEMS, store.KEYS, store.META, store.SOURCES}
+        with self._h.begin() as txn:
+            keys = [bytes(k) for k in txn.cursor().iternext(values=False)]
+        return [k for k in keys if k not in ours and not k.startswith(store.INDEX_PREFIX.encode())]
 
     def _open_dbs(self) -> None:
         h = self._h

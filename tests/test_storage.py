@@ -288,6 +288,10 @@ def test_bad_paths_create_nothing(tmp_path):
     with pytest.raises(NotADatabaseError, match="not an lmdbkit database"):
         lmdbkit.Reader(foreign)
     assert sorted(os.listdir(foreign)) == before
+    data = (foreign / "data.mdb").read_bytes()
+    with pytest.raises(NotADatabaseError, match="LMDB environment with other data"):
+        lmdbkit.Writer(foreign, mode="append")
+    assert (foreign / "data.mdb").read_bytes() == data
 
 
 def _write_legacy(path, n, payload=None):
@@ -316,8 +320,10 @@ def test_legacy_needs_opt_in_and_pickle_never_runs_without_it(tmp_path):
         lmdbkit.Reader(p)
     with pytest.raises(UnsafeFormatError):
         lmdbkit.LMDBDataset(p)
+    before = (p / "data.mdb").read_bytes()
     with pytest.raises(UnsafeFormatError):
         lmdbkit.Writer(p, mode="append")
+    assert (p / "data.mdb").read_bytes() == before  # refused before anything was written
     assert not marker.exists()
     r = lmdbkit.Reader(p, allow_pickle=True)
     assert len(r) == 5 and r[3]["label"] == 3 and not marker.exists()
