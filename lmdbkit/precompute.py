@@ -202,6 +202,9 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
     bar = tqdm(total=len(pending), unit="file", desc="precompute", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     t_wait = time.perf_counter()
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and num_workers:  # leave the decode workers their cores: oversubscribed, the STFT crawls
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - num_workers)))
     try:
         for batch in loader:
             stats["wait_seconds"] += time.perf_counter() - t_wait
@@ -243,6 +246,7 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
             t_wait = time.perf_counter()
     finally:
         bar.close()
+        torch.set_num_threads(threads)
     stats["loop_seconds"] = time.perf_counter() - t0
     return stats
 
