@@ -276,7 +276,8 @@ def _summary(writers, root, out, stats, resumed_files, elapsed, stft_cfg, dev, s
         w.commit()  # so that sources() lists this run's files too
         srcs = w.sources()
         splits[split] = {"database": str(w.path), "items": len(w), "files": len(srcs),
-                         "audio_hours": sum(v.get("duration_s", 0.0) for v in srcs.values()) / 3600, "bytes": None}
+                         "audio_hours": sum(v.get("duration_s", 0.0) for v in srcs.values()) / 3600,
+                         "bytes": store.disk_usage(w.path)}  # after the last data commit; closing adds only meta
     loop = stats.get("loop_seconds") or 0.0
     return {
         "audio_dir": str(root), "output_dir": str(out), "device": str(dev), "num_workers": num_workers,

@@ -23,7 +23,7 @@ def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
     assert all(r["value"] > 0 for r in s["results"])
     workers = {r["extra"]["num_workers"] for r in s["results"] if r["measure"] == "dataloader"}
     assert workers == {0, 2}
-    assert "read_random/stft256k: lmdbkit / memcpy" in s["ratios"] and "open: lmdbkit largest / smallest" in s["ratios"]
+    assert "read_random/stft256k: lmdbkit / memcpy" in s["ratios"] and "open: lmdbkit slowest / fastest, 1k-100k items" in s["ratios"]
     assert len(s["targets"]) == len(bench.TARGETS) + 1 and all(t["holds"] is not None for t in s["targets"])
     for f in s["figures"]:
         with open(f, "rb") as fh:

@@ -56,6 +56,7 @@ def test_end_to_end_items_meta_and_skips(corpus, tmp_path):
     assert item["stft"].shape[1] == expected_frames
     on_disk = json.loads((out / "train.lmdb" / "metadata.json").read_text())
     assert on_disk["metadata"]["stft"]["hop_length"] == 128 and len(on_disk["metadata"]["summary"]["skipped"]) == 3
+    assert on_disk["metadata"]["summary"]["splits"]["train"]["bytes"] > 0
     assert sum(d["items"] for d in s["splits"].values()) == 32 and all(d["bytes"] > 0 for d in s["splits"].values())
     table = format_summary(s)
     assert "train" in table and "skipped 3 files" in table and "tone_low/empty.wav: empty file" in table
