@@ -206,10 +206,9 @@ class MemcpyLimit:
         self.src = None
 
 
-def time_reads(get: Callable[[int], object], order: list[int], *, min_seconds: float = 0.3,
-               warm: bool = True) -> float:
+def time_reads(get: Callable[[int], object], order: list[int], *, min_seconds: float = 0.3) -> float:
     """Items per second for reading ``order`` (repeated until at least min_seconds have passed)."""
-    for i in order if warm else ():  # one untimed pass: map every page it touches (first-touch faults are not reads)
+    for i in order:  # one untimed pass: map every page it touches (first-touch faults are not reads)
         get(i)
     done, t0 = 0, time.perf_counter()
     while True:

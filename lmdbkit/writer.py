@@ -144,7 +144,7 @@ class Writer:
             self._pending_sources: list[tuple[bytes, bytes]] = []
             self._pending_index: list[tuple[bytes, bytes, bytes]] = []
             self._pending_bytes = 0
-            self._group: list | None = None
+            self._in_source = False       # inside append_source: no commit may split the source
             self._sig: tuple | None = None
             self._rtxn = self._h.env.begin()
             self._commit(mark_complete=False)  # an (empty) consistent database from the start
@@ -248,7 +248,7 @@ class Writer:
         for f, v in index_entries:
             self._pending_index.append((f.encode(), v, ik))
         self._pending_bytes += len(data)
-        if self._group is None and (len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes):
+        if not self._in_source and (len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes):
             self.commit()
         return i
 
@@ -260,7 +260,7 @@ class Writer:
         """
         self._check_open()
         mark = (len(self._pending), len(self._pending_index), self._pending_bytes)
-        self._group = []
+        self._in_source = True
         try:
             idx = [self.append(s, key=k) for k, s in samples]
         except BaseException:
@@ -270,7 +270,7 @@ class Writer:
             self._pending_bytes = mark[2]
             raise
         finally:
-            self._group = None
+            self._in_source = False
         rec = dict(info or {}, items=idx)
         self._pending_sources.append((source.encode(), json.dumps(rec).encode()))
         if len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes:
