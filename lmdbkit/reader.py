@@ -162,13 +162,15 @@ class Reader:
     # -- items ---------------------------------------------------------------------------------------
 
     def _norm(self, i: int) -> int:
-        n = self._meta["count"] if self._complete else len(self)
         if type(i) is not int:
             try:
                 i = i.__index__()
             except AttributeError:
                 raise TypeError(f"{self.path}: items are read by integer index, got {type(i).__name__}; "
                                 "use .get(key) for keys") from None
+        n = self._meta["count"]
+        if not self._complete and (i < 0 or i >= n):  # a growing database: look again only when needed
+            n = len(self)
         j = i + n if i < 0 else i
         if not 0 <= j < n:
             raise IndexError(f"index {i} is out of range for {self.path}, which holds {n} items")
