@@ -270,8 +270,29 @@ def checksum_ok(buf) -> bool:
     return xxhash.xxh3_64_intdigest(memoryview(buf)[PREFIX_SIZE:]) == stored
 
 
+def parse(buf) -> tuple[int, int, str | None, dict, list]:
+    """(payload start, stored checksum, key, fields with top-level arrays as None, array descriptors
+    [field, kind, dtype code, compression, offset, length, shape]) after checking the prefix; the payload
+    is not touched."""
+    buf = memoryview(buf)
+    if len(buf) < PREFIX_SIZE:
+        raise _corrupt(f"{len(buf)} bytes is shorter than the {PREFIX_SIZE}-byte item prefix")
+    magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC or version != VERSION or PREFIX_SIZE + hlen > len(buf):
+        read_prefix(buf)  # raises the precise error
+    try:
+        key, fields, arrays = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many kinds on malformed input
+        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
+    if type(fields) is not dict or type(arrays) is not list:
+        raise _corrupt("header is not a sample record")
+    if key is not None and type(key) is not str:
+        raise _corrupt("header key is not a string")
+    return PREFIX_SIZE + hlen, stored, key, fields, arrays
+
+
 def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
-           out: dict[str, np.ndarray] | None = None) -> tuple[str | None, dict]:
+           out: dict[str, np.ndarray] | None = None, parsed: tuple | None = None) -> tuple[str | None, dict]:
     """Decode one item into (key, sample). ``buf`` may be bytes or a memoryview into a memory map.
 
     decode_to: "auto" gives back the kind that was written (torch tensor or numpy array; numpy when torch
@@ -279,30 +300,17 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
     verify: check the checksum first (compressed arrays are always checked before they are inflated).
     out: destinations for top-level array fields (C-contiguous numpy arrays, e.g. views into one batch
     tensor): those arrays are copied there (still one copy) and the field holds the destination.
+    parsed: what ``parse(buf)`` returned for this buffer, if the caller already has it (it is consumed).
     """
     buf = memoryview(buf)
-    if len(buf) < PREFIX_SIZE:
-        raise _corrupt(f"{len(buf)} bytes is shorter than the {PREFIX_SIZE}-byte item prefix")
-    magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
-    if magic != MAGIC or version != VERSION or PREFIX_SIZE + hlen > len(buf):
-        read_prefix(buf)  # raises the precise error
+    start, stored, key, fields, arrays = parse(buf) if parsed is None else parsed
     if verify and xxhash.xxh3_64_intdigest(buf[PREFIX_SIZE:]) != stored:
         raise _corrupt("checksum mismatch")
-    try:
-        header = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
-        key, fields, arrays = header
-    except Exception as exc:  # msgpack raises many kinds on malformed input
-        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
-    if type(fields) is not dict or type(arrays) is not list:
-        raise _corrupt("header is not a sample record")
-    if key is not None and type(key) is not str:
-        raise _corrupt("header key is not a string")
     torch = None
     if decode_to != "numpy":
         torch = _torch()
         if torch is None and decode_to == "torch":
             import torch  # noqa: F811 - imported only when tensors are asked for
-    start = PREFIX_SIZE + hlen
     for desc in arrays:
         try:
             name, kind, dcode, ccode, off, n, shape = desc
@@ -416,26 +424,6 @@ def _numpy_bf16(arr: np.ndarray, name: str) -> np.ndarray:
     return arr.view(ml_dtypes.bfloat16)
 
 
-def decode_header(buf) -> tuple[str | None, dict]:
-    """(key, fields) with metadata values decoded and array fields None: nothing is copied out of the payload."""
-    key, fields, _arrays = header(buf)
-    return key, fields
-
-
-def header(buf) -> tuple[str | None, dict, list]:
-    """(key, fields with top-level arrays as None, array descriptors [field, kind, dtype code, compression,
-    offset, length, shape]) without touching the payload."""
-    buf = memoryview(buf)
-    hlen, _ = read_prefix(buf)
-    try:
-        key, fields, arrays = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
-    except Exception as exc:
-        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
-    if type(fields) is not dict or type(arrays) is not list:
-        raise _corrupt("header is not a sample record")
-    return key, fields, arrays
-
-
 def dtype_name(code: int) -> str | None:
     """The dtype name of a descriptor's dtype code (None if unknown)."""
     return _NAME.get(code)
@@ -443,12 +431,4 @@ def dtype_name(code: int) -> str | None:
 
 def peek_key(buf) -> str | None:
     """The key stored in an item's header, without decoding its arrays."""
-    buf = memoryview(buf)
-    hlen, _ = read_prefix(buf)
-    try:
-        key = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)[0]
-    except Exception as exc:
-        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
-    if key is not None and type(key) is not str:
-        raise _corrupt("header key is not a string")
-    return key
+    return parse(buf)[2]

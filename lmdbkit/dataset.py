@@ -80,28 +80,29 @@ class LMDBDataset(Dataset):
             bufs = [r._raw(txns[id(r)], j) for r, j in located]
             if any(b is None for b in bufs):
                 return None
-            heads = [codec.header(b) for b in bufs]
-            first = {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in heads[0][2]}
-            for _, _, arrays in heads[1:]:
-                if {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in arrays} != first:
+            try:
+                heads = [codec.parse(b) for b in bufs]
+            except codec.CorruptItemError:
+                return None  # decoded one by one below, so the error names the item
+            first = {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in heads[0][4]}
+            for head in heads[1:]:
+                if {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in head[4]} != first:
                     return None  # shapes or dtypes differ within the batch
-            outs = {}
             in_worker = torch.utils.data.get_worker_info() is not None
-            for name, (_kind, dcode, _ccode, shape) in first.items():
-                dtype = getattr(torch, codec.dtype_name(dcode))
-                outs[name] = _batch_tensor(dtype, (len(indices), *shape), shared=in_worker)
+            outs = {name: _batch_tensor(getattr(torch, codec.dtype_name(dcode)), (len(indices), *shape), shared=in_worker)
+                    for name, (_kind, dcode, _ccode, shape) in first.items()}
             views = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in outs.items()}
+            order = list(heads[0][3])  # the fields in their stored order
             metas = []
-            for b, (buf, (r, j)) in enumerate(zip(bufs, located)):
+            for b, (buf, head, (r, j)) in enumerate(zip(bufs, heads, located)):
                 try:
-                    _, fields = codec.decode(buf, decode_to="numpy", verify=r.verify,
+                    _, fields = codec.decode(buf, decode_to="numpy", verify=r.verify, parsed=head,
                                              out={name: v[b] for name, v in views.items()})
                 except codec.CorruptItemError as exc:
                     raise exc.at(r.path, j) from exc
                 metas.append({k: v for k, v in fields.items() if k not in outs})
-        batch = Batch(_collate_rest(metas, set()) if metas and metas[0] else {})
-        batch.update(outs)
-        return Batch({k: batch[k] for k in heads[0][1]})  # the fields in their stored order
+        rest = _collate_rest(metas, set()) if metas[0] else {}
+        return Batch({k: outs[k] if k in outs else rest[k] for k in order})
 
     def get(self, key: str) -> Any:
         """The item written under ``key`` (searched in every database)."""

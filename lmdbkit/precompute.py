@@ -181,12 +181,10 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
             w.set_metadata(summary=summary)
     except BaseException:
         for w in writers.values():
-            w.abort() if not w.closed else None
+            w.abort()  # keeps what was committed; a rerun resumes from there
         raise
     for w in writers.values():
         w.close()
-    for split, w in writers.items():  # bytes on disk, now that everything is synced
-        summary["splits"][split]["bytes"] = store.disk_usage(w.path)
     return summary
 
 
@@ -295,7 +293,7 @@ def format_summary(summary: dict) -> str:
     """The end-of-run table: items, files, audio hours and bytes per split, and files skipped."""
     rows = [f"{'split':<10}{'files':>7}{'items':>8}{'audio h':>10}{'MiB':>10}"]
     for split, d in summary["splits"].items():
-        mib = (d["bytes"] or 0) / 2**20
+        mib = d["bytes"] / 2**20
         rows.append(f"{split:<10}{d['files']:>7}{d['items']:>8}{d['audio_hours']:>10.3f}{mib:>10.1f}")
     rate = summary.get("audio_seconds_per_second")
     rows.append(f"processed {summary['files_processed']} files this run ({summary['files_resumed']} already done)"

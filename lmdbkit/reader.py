@@ -193,17 +193,8 @@ class Reader:
 
     def __getitem__(self, i: int) -> dict:
         j = self._norm(i)
-        h = self._h if self._pid == os.getpid() and self._h is not None else self._handle()
-        with h.begin(buffers=True) as txn:
-            if self.legacy:
-                return self._decode(self._raw(txn, j), j)[1]
-            buf = txn.get(store.pack_index(j), db=self._items)
-            if buf is None:
-                raise CorruptItemError("the item is missing from the items table", path=self.path, key=j)
-            try:
-                return codec.decode(buf, decode_to=self.decode_to, verify=self.verify)[1]
-            except CorruptItemError as exc:
-                raise exc.at(self.path, j) from exc
+        with self._txn() as txn:
+            return self._decode(self._raw(txn, j), j)[1]
 
     def read_many(self, indices: Iterable[int]) -> list[dict]:
         """Several items by index, in one read transaction."""

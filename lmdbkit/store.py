@@ -161,6 +161,12 @@ def release(h: Handle) -> None:
             h.env.close()
 
 
+def is_open(path: str | os.PathLike) -> bool:
+    """Whether this process holds the environment at ``path`` open."""
+    h = _registry.get(real(path))
+    return h is not None and h.pid == os.getpid()
+
+
 def open_count() -> int:
     """How many environments this process holds open (for tests and diagnostics)."""
     return len(_registry)

@@ -21,7 +21,7 @@ import lmdb
 import numpy as np
 
 from . import codec, store
-from .errors import (ConfigMismatchError, DatabaseExistsError, DuplicateKeyError, LmdbkitError,
+from .errors import (ConfigMismatchError, DatabaseBusyError, DatabaseExistsError, DuplicateKeyError, LmdbkitError,
                      MapSizeLimitError, NotADatabaseError, SchemaError, UnsafeFormatError)
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,9 @@ class Writer:
                              "schema": {}, "index_fields": list(self.index_fields), "metadata": metadata or {},
                              "complete": False, "writer_version": _version(), "created": _now(),
                              "updated": _now(), "compression": compression}
+            # index sub-databases only once the fields are settled (a refused append must write nothing)
+            self._index = {f: self._h.db(store.index_db_name(f), create=True, dupsort=True, dupfixed=True)
+                           for f in self.index_fields}
             if map_size > self._h.env.info()["map_size"]:
                 self._h.env.set_mapsize(map_size)
             self._pending: list[tuple[bytes, bytes, bytes]] = []   # (index key, sample key, encoded)
@@ -167,9 +170,7 @@ class Writer:
             raise DatabaseExistsError(f"{p} already exists. Pass mode='append' to continue it or "
                                       "mode='overwrite' to replace it")
         if mode == "overwrite":
-            h = store._registry.get(store.real(p))
-            if h is not None:
-                from .errors import DatabaseBusyError
+            if store.is_open(p):
                 raise DatabaseBusyError(f"{p} is open in this process; close its readers before overwriting it")
             shutil.rmtree(p)
             p.mkdir(parents=True)
@@ -187,8 +188,6 @@ class Writer:
         self._keys = h.db(store.KEYS, create=True)
         self._meta = h.db(store.META, create=True)
         self._sources = h.db(store.SOURCES, create=True)
-        self._index = {f: h.db(store.index_db_name(f), create=True, dupsort=True, dupfixed=True)
-                       for f in self.index_fields}
 
     def _resume(self, stored: dict, metadata: dict | None) -> None:
         stored_md = stored.get("metadata", {})
@@ -204,8 +203,6 @@ class Writer:
                                       {"index_fields": list(self.index_fields)},
                                       "Append with the same index_fields, or pass mode='overwrite'")
         self.index_fields = tuple(stored.get("index_fields", ()))
-        self._index = {f: self._h.db(store.index_db_name(f), create=True, dupsort=True, dupfixed=True)
-                       for f in self.index_fields}
         if stored.get("compression") != self.compression and self.compression is not None:
             raise ConfigMismatchError(str(self.path), {"compression": stored.get("compression")},
                                       {"compression": self.compression}, "Append with the stored compression")
@@ -338,7 +335,7 @@ class Writer:
             for ik, buf in tqdm(txn.cursor(db=self._items), total=self.count, disable=not progress,
                                 desc=f"index {field}"):
                 try:
-                    key, fields = codec.decode_header(buf)
+                    _, _, key, fields, _ = codec.parse(buf)  # header only: no array is copied
                 except codec.CorruptItemError as exc:
                     raise exc.at(str(self.path), store.unpack_index(ik)) from exc
                 if field not in fields:

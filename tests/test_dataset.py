@@ -170,3 +170,16 @@ def test_create_data_loader_prebatches_into_shared_memory(fixed_db, workers):
     assert sorted(xs) == list(range(40))
     assert batches[0]["x"].is_shared() == (workers > 0)  # allocated in shared memory by the worker
     assert not lmdbkit.create_data_loader(fixed_db, transform=lambda s: s, num_workers=0).dataset.prebatch
+
+
+def test_prebatch_names_a_corrupt_item(fixed_db):
+    import lmdb
+    from lmdbkit import store
+    env = lmdb.open(str(fixed_db), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(store.pack_index(5), b"LK\x01\x00not a header", db=env.open_db(b"items", txn=txn))
+    env.close()
+    ds = lmdbkit.LMDBDataset(fixed_db, prebatch=True)
+    with pytest.raises(lmdbkit.CorruptItemError, match=r"fixed.lmdb: item 5: corrupt item"):
+        ds.__getitems__([1, 5, 7])
+    assert ds.__getitems__([1, 7])["label"].tolist() == [1, 1]

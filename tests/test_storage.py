@@ -185,6 +185,14 @@ def test_append_source_is_atomic_and_recorded(tmp_path):
     assert lmdbkit.Reader(p).keys() == ["a.wav#0", "a.wav#1"]
 
 
+def test_refused_append_writes_nothing(small_db):
+    data = (small_db / "data.mdb").read_bytes()
+    with pytest.raises(ConfigMismatchError, match="index_fields"):
+        lmdbkit.Writer(small_db, mode="append", index_fields=("category",))
+    assert (small_db / "data.mdb").read_bytes() == data  # no index:category sub-database was created
+    assert lmdbkit.Reader(small_db).index_fields == ["label"]
+
+
 def test_metadata_mismatch_on_append(tmp_path):
     p = tmp_path / "m.lmdb"
     with lmdbkit.Writer(p, metadata={"n_fft": 512}) as w:
