@@ -16,6 +16,7 @@ Run ``python -m lmdbkit.bench --help``; tests call the functions on tiny sizes a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import lmdb
 import numpy as np
@@ -71,23 +72,20 @@ def write_lmdbkit(path: Path, samples: list[dict], **kw) -> float:
     return time.perf_counter() - t0
 
 
-def _raw_env(path: Path, nbytes: int) -> lmdb.Environment:
+def _timed_puts(path: Path, nbytes: int, puts: Iterable[tuple[bytes, bytes]], *, append: bool,
+                commit_every: int = 1000) -> float:
+    """Seconds to txn.put every (key, value) into a fresh environment with a map big enough from the start,
+    committing every ``commit_every`` items (lmdbkit's default cadence), synced at the end."""
     if path.exists():
         shutil.rmtree(path)
-    return lmdb.open(str(path), map_size=max(1 << 26, 2 * nbytes + (64 << 20)), readahead=False, meminit=False)
-
-
-def write_pickle_lmdb(path: Path, samples: list[dict], *, commit_every: int = 1000) -> float:
-    """Seconds to write samples the older way: str(idx) keys, pickle.dumps of the dict, big fixed map."""
-    env = _raw_env(path, sum(_payload_bytes(s) for s in samples))
+    env = lmdb.open(str(path), map_size=max(1 << 26, 2 * nbytes + (64 << 20)), readahead=False, meminit=False)
     t0 = time.perf_counter()
     txn = env.begin(write=True)
-    for i, s in enumerate(samples):
-        txn.put(str(i).encode(), pickle.dumps(s))
+    for i, (k, v) in enumerate(puts):
+        txn.put(k, v, append=append)
         if (i + 1) % commit_every == 0:
             txn.commit()
             txn = env.begin(write=True)
-    txn.put(b"__len__", str(len(samples)).encode())
     txn.commit()
     env.sync(True)
     dt = time.perf_counter() - t0
@@ -95,21 +93,17 @@ def write_pickle_lmdb(path: Path, samples: list[dict], *, commit_every: int = 10
     return dt
 
 
-def write_raw(path: Path, blobs: list[bytes], *, commit_every: int = 1000) -> float:
+def write_pickle_lmdb(path: Path, samples: list[dict]) -> float:
+    """Seconds to write samples the older way: str(idx) keys, pickle.dumps of each dict, a big fixed map."""
+    puts = ((str(i).encode(), pickle.dumps(s)) for i, s in enumerate(samples))
+    return _timed_puts(path, sum(_payload_bytes(s) for s in samples),
+                       itertools.chain(puts, [(b"__len__", str(len(samples)).encode())]), append=False)
+
+
+def write_raw(path: Path, blobs: list[bytes]) -> float:
     """Seconds for raw txn.put of pre-encoded bytes (the write limit), same commit cadence as lmdbkit."""
-    env = _raw_env(path, sum(map(len, blobs)))
-    t0 = time.perf_counter()
-    txn = env.begin(write=True)
-    for i, b in enumerate(blobs):
-        txn.put(store.pack_index(i), b, append=True)
-        if (i + 1) % commit_every == 0:
-            txn.commit()
-            txn = env.begin(write=True)
-    txn.commit()
-    env.sync(True)
-    dt = time.perf_counter() - t0
-    env.close()
-    return dt
+    return _timed_puts(path, sum(map(len, blobs)), ((store.pack_index(i), b) for i, b in enumerate(blobs)),
+                       append=True)
 
 
 def write_pt_batches(path: Path, samples: list[dict], batch: int = PT_BATCH) -> float:
@@ -129,25 +123,6 @@ def _payload_bytes(sample: dict) -> int:
 
 
 # -- readers ----------------------------------------------------------------------------------------
-
-class PickleLmdb:
-    """The older reader: str(idx) keys, pickle.loads per item, a transaction per read."""
-
-    def __init__(self, path: Path):
-        self.env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
-        with self.env.begin() as txn:
-            self.n = int(txn.get(b"__len__"))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        with self.env.begin() as txn:
-            return pickle.loads(txn.get(str(i).encode()))
-
-    def close(self) -> None:
-        self.env.close()
-
 
 class PtBatches:
     """The older reader of per-batch .pt files: every file is loaded at start-up to count its items."""
@@ -231,8 +206,9 @@ def warm_page_cache(path: Path) -> None:
 
 # -- DataLoader, worker memory, cold reads ---------------------------------------------------------
 
-class PickleLmdbDataset:
-    """The older torch Dataset: pickle-in-LMDB, the environment opened lazily in each worker."""
+class PickleLmdb:
+    """The older reader (also its torch Dataset): str(idx) keys, pickle.loads per item, a transaction per
+    read, the environment opened lazily in the process that reads (so DataLoader workers open their own)."""
 
     def __init__(self, path: Path):
         self.path = str(path)
@@ -286,7 +262,7 @@ def bench_dataloader(kind: str, paths: dict[str, Path], *, workers=(0, 1, 2, 4),
         return create_data_loader(paths["lmdbkit"], batch_size=batch_size, shuffle=True, num_workers=nw, seed=0)
 
     def pickle_loader(nw):  # the older way: its Dataset, a plain DataLoader, default collate
-        return DataLoader(PickleLmdbDataset(paths["pickle_lmdb"]), batch_size=batch_size, shuffle=True,
+        return DataLoader(PickleLmdb(paths["pickle_lmdb"]), batch_size=batch_size, shuffle=True,
                           num_workers=nw, generator=torch.Generator().manual_seed(0), persistent_workers=nw > 0)
     for method, make in (("lmdbkit", lmdbkit_loader), ("pickle_lmdb", pickle_loader)):
         for nw in workers:
@@ -422,7 +398,8 @@ def bench_kind(kind: str, n: int, workdir: Path, *, reads: int = 2000, min_secon
     del blobs
     for m, p in paths.items():
         if p.exists():
-            res.append(Result("disk", kind, m, store.disk_usage(p) / payload, "x payload", {"bytes": store.disk_usage(p), "payload": payload}))
+            used = store.disk_usage(p)
+            res.append(Result("disk", kind, m, used / payload, "x payload", {"bytes": used, "payload": payload}))
 
     rng = np.random.default_rng(1)
     random_order = rng.integers(0, n, reads).tolist()

@@ -40,7 +40,7 @@ def _row_value(col: np.ndarray, i: int) -> Any:
     if isinstance(v, bytes):
         return v.decode("utf-8", errors="replace")
     if isinstance(v, np.generic):
-        return v.item() if v.dtype.kind in "biufU" or v.dtype.kind == "S" else v
+        return v.item() if v.dtype.kind in "biufUS" else v
     return v
 
 
@@ -81,9 +81,16 @@ def _write(dest, chunks: Iterable[tuple[str, list[tuple[str, dict]] | Callable]]
 
 
 def _shared_length(columns: dict[str, Any], where: str) -> int:
+    """The common first dimension of array-like columns (arrays, tensors, lists), or a clear error."""
     if not columns:
         raise LmdbkitError(f"{where} holds no arrays to convert")
-    lengths = {name: (col.shape[0] if hasattr(col, "shape") and len(col.shape) else None) for name, col in columns.items()}
+
+    def length(col):
+        shape = getattr(col, "shape", None)
+        if shape is not None:
+            return shape[0] if len(shape) else None
+        return len(col) if isinstance(col, (list, tuple)) else None
+    lengths = {name: length(col) for name, col in columns.items()}
     if None in lengths.values() or len(set(lengths.values())) != 1:
         raise LmdbkitError(f"{where}: the arrays must share their first dimension (the sample axis); "
                            f"found {lengths}")
@@ -128,7 +135,7 @@ def from_pt_dir(src: str | os.PathLike, dest: str | os.PathLike, *, allow_pickle
 
     def samples_of(f: Path, obj) -> list[tuple[str, dict]]:
         if isinstance(obj, dict):  # a dict of batched tensors (and lists of the same length)
-            n = _shared_length({k: (v if hasattr(v, "shape") else np.empty(len(v))) for k, v in obj.items()}, str(f))
+            n = _shared_length(obj, str(f))
 
             def row(v, i):
                 x = v[i]

@@ -66,11 +66,12 @@ def training_curves(result: dict, window: int = 10):
     return fig
 
 
-def confusion(result: dict, labels: dict | None = None):
-    """The validation confusion matrix (rows: true class, columns: predicted)."""
+def confusion(result: dict):
+    """The validation confusion matrix of a lmdbkit.train result (rows: true class, columns: predicted)."""
     plt = _plt()
     m = np.asarray(result["confusion"])
-    names = [n for n, _ in sorted((labels or {}).items(), key=lambda kv: kv[1])] or [str(i) for i in range(len(m))]
+    names = {v: k for k, v in (result.get("labels") or {}).items()}
+    names = [names.get(i, str(i)) for i in range(len(m))]
     fig, ax = plt.subplots(figsize=(1 + 0.5 * len(m), 1 + 0.5 * len(m)))
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):

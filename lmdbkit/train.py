@@ -159,7 +159,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
         "first_loss": float(np.mean(losses[:log_every])), "final_loss": float(np.mean(losses[-log_every:])),
         "losses": losses, "val_items": int(total), "val_accuracy": correct / max(total, 1),
         "chance": float(val_counts.max() / max(total, 1)) if total else 1.0 / n_classes,
-        "n_classes": n_classes, "confusion": per_class.tolist(), "model_checksum": model_checksum(raw),
+        "n_classes": n_classes, "labels": labels, "confusion": per_class.tolist(), "model_checksum": model_checksum(raw),
         "seed": seed,
     }
     if record_indices:

@@ -69,10 +69,9 @@ def verify(path: str | os.PathLike, *, progress: bool = True) -> Report:
             seen += 1
             key = None
             try:
-                key = codec.peek_key(buf)
-                if not codec.checksum_ok(buf):
-                    raise CorruptItemError("checksum mismatch")
-                key, sample = codec.decode(buf, decode_to="numpy")
+                parsed = codec.parse(buf)
+                key = parsed[2]  # known before the checksum, so a damaged payload is reported by key
+                key, sample = codec.decode(buf, decode_to="numpy", verify=True, parsed=parsed)
             except CorruptItemError as exc:
                 rep.add(exc.reason, key=key, index=i)
                 bad.add(i)

@@ -11,6 +11,7 @@ in the browser's own output area.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import traceback
@@ -94,14 +95,11 @@ class Browser:
         self.cfg = plot.stft_config(self.reader)
         field = self._label_field or next((f for f in ("label_name", "label") if f in self.reader.index_fields), None)
         self.label_field = field
-        options = [ALL] + ([str(v) for v, _ in self.reader.values(field)] if field else [])
         self._label_values = {str(v): v for v, _ in self.reader.values(field)} if field else {}
-        self._suppress = True
-        try:
+        options = [ALL, *self._label_values]
+        with self._quietly():
             self.label.options = options
             self.label.value = ALL
-        finally:
-            self._suppress = False
         self.label.disabled = field is None
         self.filter_label(ALL)
 
@@ -111,22 +109,19 @@ class Browser:
         self._set_range(len(self.view))
         self.show_position(0)
 
-    def _set_range(self, n: int) -> None:
-        top = max(0, n - 1)
+    @contextlib.contextmanager
+    def _quietly(self):
+        """The browser moves its own widgets: their observers must not read or draw a second time."""
         self._suppress = True
         try:
-            self.slider.max = self.number.max = top
-            self.slider.value = 0
+            yield
         finally:
             self._suppress = False
 
-    def _quiet_set(self, pos: int) -> None:
-        """Move the slider without triggering a second read."""
-        self._suppress = True
-        try:
-            self.slider.value = pos
-        finally:
-            self._suppress = False
+    def _set_range(self, n: int) -> None:
+        with self._quietly():
+            self.slider.max = self.number.max = max(0, n - 1)
+            self.slider.value = 0
 
     def go_to_key(self, key: str) -> None:
         i = self.reader.index_of(key.strip())
@@ -135,7 +130,8 @@ class Browser:
         if i not in self.view:
             self.label.value = ALL
         pos = self.view.index(i)
-        self._quiet_set(pos)
+        with self._quietly():
+            self.slider.value = pos
         self.show_position(pos)
 
     def show_position(self, pos: int) -> None:

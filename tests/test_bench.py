@@ -49,7 +49,7 @@ def test_baselines_read_the_same_items(tmp_path):
     bench.write_lmdbkit(paths["lmdbkit"], samples)
     bench.write_pickle_lmdb(paths["pickle_lmdb"], samples)
     bench.write_pt_batches(paths["pt_batches"], samples, batch=8)
-    ds = pickle.loads(pickle.dumps(bench.PickleLmdbDataset(paths["pickle_lmdb"])))
+    ds = pickle.loads(pickle.dumps(bench.PickleLmdb(paths["pickle_lmdb"])))
     pt = bench.PtBatches(paths["pt_batches"])
     from lmdbkit import Reader
     r = Reader(paths["lmdbkit"], decode_to="torch")
