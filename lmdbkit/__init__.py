@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import (AudioDecodeError, ConfigMismatchError, CorruptItemError, DatabaseBusyError,
-                     DatabaseExistsError, DatabaseNotFoundError, DuplicateKeyError, EncodeError,
-                     FormatVersionError, IndexNotFoundError, LmdbkitError, MapSizeLimitError, NotADatabaseError,
-                     SchemaError, UnsafeFormatError)
+from .errors import (AudioDecodeError, CommitError, ConfigMismatchError, CorruptItemError, DamagedDatabaseError,
+                     DatabaseBusyError, DatabaseExistsError, DatabaseNotFoundError, DiskFullError, DuplicateKeyError,
+                     EncodeError, FormatVersionError, IndexNotFoundError, KeyTooLongError, LmdbkitError,
+                     MapSizeLimitError, NotADatabaseError, ReadOnlyError, SchemaError, TruncatedDatabaseError,
+                     UnsafeFormatError)
 from .codec import decode, encode
 from .reader import Reader
 from .writer import Writer
@@ -31,30 +32,36 @@ _LAZY = {
     "build_index": "index",
     "query_samples_by_label": "index",
     "query_samples_by_category": "index",
-    "verify": "verify",
+    "verify": "integrity",
     "benchmark_lmdb_performance": "bench",
 }
 
 __all__ = [
     "AudioDecodeError",
+    "CommitError",
     "ConfigMismatchError",
     "CorruptItemError",
+    "DamagedDatabaseError",
     "DatabaseBusyError",
     "DatabaseExistsError",
     "DatabaseNotFoundError",
+    "DiskFullError",
     "DuplicateKeyError",
     "EncodeError",
     "FormatVersionError",
     "IndexNotFoundError",
+    "KeyTooLongError",
     "LMDBDataTransform",
     "LMDBDataset",
     "LmdbkitError",
     "MapSizeLimitError",
     "NotADatabaseError",
+    "ReadOnlyError",
     "Reader",
     "SchemaError",
     "SpectrogramTransform",
     "StftConfig",
+    "TruncatedDatabaseError",
     "UnsafeFormatError",
     "Writer",
     "__version__",

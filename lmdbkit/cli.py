@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import sys
 from pathlib import Path
 
-from .errors import LmdbkitError
+import lmdb
+
+from .errors import CorruptItemError, DamagedDatabaseError, DiskFullError, LmdbkitError
 
 EPILOG = """examples:
   lmdbkit info runs/demo/data/train.lmdb
@@ -56,10 +59,15 @@ def cmd_info(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from .verify import verify
-    rep = verify(a.path, progress=not a.json)
-    print(json.dumps(rep.to_dict(), indent=2) if a.json else rep)
-    return 0 if rep.ok else 1
+    from . import store
+    from .integrity import verify
+    reports = [verify(p, progress=not a.json) for p in store.resolve_paths(a.path)]
+    if a.json:
+        out = [r.to_dict() for r in reports]
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+    else:
+        print("\n".join(str(r) for r in reports))
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def cmd_convert(a) -> int:
@@ -84,10 +92,21 @@ def cmd_compact(a) -> int:
     with Reader(src) as r:
         if not r.meta.get("complete"):
             raise LmdbkitError(f"{src} is not marked complete (a writer may still be running); finish it first")
+        created = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
-        r._handle().env.copy(str(dest), compact=True)
-    if (src / store.METADATA_JSON).exists():
-        shutil.copy2(src / store.METADATA_JSON, dest / store.METADATA_JSON)
+        try:
+            r._handle().env.copy(str(dest), compact=True)
+            if (src / store.METADATA_JSON).exists():
+                shutil.copy2(src / store.METADATA_JSON, dest / store.METADATA_JSON)
+        except (lmdb.Error, OSError) as exc:
+            # never leave a partial copy that looks like a database
+            shutil.rmtree(dest) if created else [q.unlink() for q in dest.iterdir() if q.is_file()]
+            free = shutil.disk_usage(dest.parent if created else dest).free
+            if free < store.disk_usage(src) or isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full at {dest}: the compacted copy did not fit ({exc}); the partial copy "
+                                    f"was removed and {src} is untouched. Free space, then run compact again") from exc
+            raise LmdbkitError(f"cannot write the compacted copy to {dest} ({exc}); the partial copy was removed "
+                               f"and {src} is untouched") from exc
     before, after = store.disk_usage(src), store.disk_usage(dest)
     print(f"compacted {src} ({before / 2**20:.1f} MiB) into {dest} ({after / 2**20:.1f} MiB)")
     return 0
@@ -145,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("verify", help="decode every item, check checksums, count, keys and indexes")
-    p.add_argument("path")
+    p = sub.add_parser("verify", help="decode every item, check checksums, count, keys and indexes "
+                       "(exit 0: clean, 1: damage found, 2: usage error)")
+    p.add_argument("path", help="a database, a folder of databases or a glob")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_verify)
 
@@ -201,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return a.fn(a)
+    except (DamagedDatabaseError, CorruptItemError) as exc:  # damage found: as verify's exit status
+        print(f"lmdbkit {a.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (LmdbkitError, FileNotFoundError, PermissionError) as exc:
         print(f"lmdbkit {a.command}: error: {exc}", file=sys.stderr)
         return 2

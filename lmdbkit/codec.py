@@ -39,6 +39,7 @@ PREFIX_SIZE = _PREFIX.size  # 16
 _ARRAY = struct.Struct("<BBBBQQ")
 _EXT_ARRAY = 1
 
+MAX_DEPTH = 64  # nesting of metadata lists/dicts, checked when writing and when reading
 DecodeTo = Literal["auto", "numpy", "torch"]
 DECODE_TO = ("auto", "numpy", "torch")
 
@@ -148,6 +149,9 @@ def _tensor_as_numpy(value, field: str, torch) -> tuple[np.ndarray, str, int]:
         except (RuntimeError, TypeError):
             pass
     t = value.detach()
+    if t.device.type == "meta":
+        raise EncodeError(f"field {field!r}: a tensor on the 'meta' device has no data to store; "
+                          "materialise it (e.g. torch.empty_like(t, device='cpu')) before writing")
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.resolve_conj().resolve_neg().contiguous()
@@ -205,6 +209,8 @@ def encode_with_schema(sample: dict, key: str | None = None, *,
     for field, value in sample.items():
         if type(field) is not str:
             raise EncodeError(f"field names must be str, got {field!r}")
+        if field.encode("utf-8", "surrogatepass") != field.encode("utf-8", "replace"):
+            raise EncodeError(f"field name {field!r} is not valid Unicode text (lone surrogates)")
         desc = store(value, field)
         if desc is None:
             fields[field] = _pre(value, field, default)
@@ -217,6 +223,9 @@ def encode_with_schema(sample: dict, key: str | None = None, *,
         header = msgpack.packb([key, fields, arrays], use_bin_type=True, default=default)
     except EncodeError:
         raise
+    except UnicodeEncodeError as exc:
+        raise EncodeError(f"sample {key!r} holds text that is not valid Unicode ({exc.reason}: {exc.object[:60]!r}); "
+                          "give valid text (e.g. decode file names with errors='replace')") from exc
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"sample {key!r} cannot be encoded: {exc}") from exc
     h = xxhash.xxh3_64(header)
@@ -228,18 +237,39 @@ def encode_with_schema(sample: dict, key: str | None = None, *,
 _KIND_NAMES = ("array", "tensor", "scalar")
 
 
-def _pre(value: Any, field: str, default: Callable) -> Any:
-    """Turn arrays into extension values up front, so errors name their field."""
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgpack stores
+_KEY_TYPES = (str, int, bytes, bool)  # dict keys that read back as themselves
+
+
+def _pre(value: Any, field: str, default: Callable, depth: int = 0) -> Any:
+    """Turn arrays into extension values up front and check what msgpack would refuse, so errors name their field."""
     t = type(value)
-    if t is int or t is str or t is float or t is bool or value is None or t is bytes:
+    if t is str or t is float or t is bool or value is None or t is bytes:
         return value
+    if t is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise EncodeError(f"field {field!r}: the integer {value} does not fit in 64 bits; store it as a str "
+                              "(or a float, losing precision)")
+        return value
+    if depth > MAX_DEPTH:
+        raise EncodeError(f"field {field!r}: metadata nested more than {MAX_DEPTH} levels deep; flatten it")
     if isinstance(value, (np.ndarray, np.generic)) or (_torch() is not None and isinstance(value, _torch().Tensor)):
         return default(value, field)
     if isinstance(value, dict):
-        return {k: _pre(v, f"{field}.{k}", default) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            if type(k) not in _KEY_TYPES or (type(k) is int and not _INT_MIN <= k <= _INT_MAX):
+                raise EncodeError(f"field {field!r}: metadata dict key {k!r} is {type(k).__name__}, which would not "
+                                  "read back as a key; use str keys (or int, bytes, bool)")
+            out[k] = _pre(v, f"{field}.{k}", default, depth + 1)
+        return out
     if isinstance(value, (list, tuple)):
-        return [_pre(v, f"{field}[{i}]", default) for i, v in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return [_pre(v, f"{field}[{i}]", default, depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return _pre(int(value), field, default, depth)
+    if isinstance(value, (float, str, bytes)):
         return value
     return default(value, field)
 
@@ -271,9 +301,13 @@ def checksum_ok(buf) -> bool:
 
 
 def parse(buf) -> tuple[int, int, str | None, dict, list]:
-    """(payload start, stored checksum, key, fields with top-level arrays as None, array descriptors
-    [field, kind, dtype code, compression, offset, length, shape]) after checking the prefix; the payload
-    is not touched."""
+    """(payload start, stored checksum, key, fields with top-level arrays as None, array descriptors) after
+    checking the prefix and every descriptor against the buffer; the payload is not touched.
+
+    Each descriptor is ``(field, kind, dtype name, compression code, offset, stored length, shape tuple,
+    decoded byte size)``, checked so that allocating an array of that shape and copying ``stored length``
+    bytes from ``offset`` stays within the buffer and within what the shape needs.
+    """
     buf = memoryview(buf)
     if len(buf) < PREFIX_SIZE:
         raise _corrupt(f"{len(buf)} bytes is shorter than the {PREFIX_SIZE}-byte item prefix")
@@ -283,12 +317,54 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
     try:
         key, fields, arrays = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises many kinds on malformed input
-        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})") from exc
+        raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})"[:300]) from exc
     if type(fields) is not dict or type(arrays) is not list:
         raise _corrupt("header is not a sample record")
     if key is not None and type(key) is not str:
         raise _corrupt("header key is not a string")
-    return PREFIX_SIZE + hlen, stored, key, fields, arrays
+    start = PREFIX_SIZE + hlen
+    payload = len(buf) - start
+    checked = []
+    for desc in arrays:
+        try:
+            name, kind, dcode, ccode, off, n, shape = desc
+        except (ValueError, TypeError):
+            raise _corrupt(f"malformed array descriptor {desc!r}"[:200]) from None
+        if type(name) is not str or type(shape) is not list or name not in fields:
+            raise _corrupt(f"malformed array descriptor {desc!r}"[:200])
+        checked.append((name, *check_array(kind, dcode, ccode, off, n, shape, payload)))
+    return start, stored, key, fields, checked
+
+
+MAX_NDIM = 32
+MAX_ARRAY_BYTES = 1 << 48  # 256 TiB: far above any item, far below what makes numpy's size arithmetic overflow
+
+
+def check_array(kind, dcode, ccode, off, n, shape, payload: int) -> tuple:
+    """(kind, dtype name, compression, offset, length, shape tuple, decoded bytes) of one stored array, after
+    checking every number against the payload's length: CorruptItemError before anything is allocated."""
+    if type(kind) is not int or kind not in (0, 1, 2) or type(dcode) is not int or dcode not in _NAME:
+        raise _corrupt(f"unknown dtype code {dcode!r} or kind {kind!r}"[:200])
+    if type(ccode) is not int or (ccode and ccode not in _DECOMPRESS):
+        raise _corrupt(f"unknown compression code {ccode!r}"[:200])
+    if type(off) is not int or type(n) is not int or off < 0 or n < 0 or off + n > payload:
+        raise _corrupt(f"array of {n!r} bytes at offset {off!r} runs past the {payload}-byte payload"[:200])
+    if len(shape) > MAX_NDIM:
+        raise _corrupt(f"array of {len(shape)} dimensions (at most {MAX_NDIM} are written)")
+    name = _NAME[dcode]
+    bound = _STORAGE[name].itemsize
+    size = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise _corrupt(f"bad array shape {shape!r}"[:200])
+        size *= d
+        bound *= max(d, 1)
+        if bound > MAX_ARRAY_BYTES:
+            raise _corrupt(f"array shape {shape!r} is impossibly large"[:200])
+    nbytes = size * _STORAGE[name].itemsize
+    if not ccode and n != nbytes:
+        raise _corrupt(f"array of shape {tuple(shape)} {name} needs {nbytes} bytes, found {n}")
+    return kind, name, ccode, off, n, tuple(shape), nbytes
 
 
 def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
@@ -311,20 +387,18 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
         torch = _torch()
         if torch is None and decode_to == "torch":
             import torch  # noqa: F811 - imported only when tensors are asked for
-    for desc in arrays:
-        try:
-            name, kind, dcode, ccode, off, n, shape = desc
-            if (type(name) is not str or type(kind) is not int or type(dcode) is not int or type(ccode) is not int
-                    or type(off) is not int or type(n) is not int or type(shape) is not list or off < 0 or n < 0):
-                raise ValueError
-        except (ValueError, TypeError):
-            raise _corrupt(f"malformed array descriptor {desc!r}"[:200]) from None
-        fields[name] = _array(buf, start, stored, verify, kind, dcode, ccode, off, n, shape, decode_to, torch,
-                              None if out is None else out.get(name))
-    for name, value in fields.items():
-        t = type(value)
-        if t is list or t is dict or t is msgpack.ExtType:
-            fields[name] = _walk(value, _Ctx(buf, start, stored, verify, decode_to, torch))
+    try:
+        for name, kind, dname, ccode, off, n, shape, nbytes in arrays:
+            fields[name] = _array(buf, start, stored, verify, kind, dname, ccode, off, n, shape, nbytes, decode_to,
+                                  torch, None if out is None else out.get(name))
+        for name, value in fields.items():
+            t = type(value)
+            if t is list or t is dict or t is msgpack.ExtType:
+                fields[name] = _walk(value, _Ctx(buf, start, stored, verify, decode_to, torch), 0)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
+        if isinstance(exc, LmdbkitError):
+            raise
+        raise _corrupt(f"undecodable item ({type(exc).__name__}: {exc})"[:300]) from exc
     return key, fields
 
 
@@ -336,18 +410,20 @@ class _Ctx:
         self.decode_to, self.torch = decode_to, torch
 
 
-def _walk(value, ctx: _Ctx):
+def _walk(value, ctx: _Ctx, depth: int):
     """Decode arrays nested in metadata lists and dicts."""
+    if depth > MAX_DEPTH:
+        raise _corrupt(f"metadata nested more than {MAX_DEPTH} levels deep")
     if type(value) is msgpack.ExtType:
         return _ext_array(value, ctx)
     if type(value) is list:
-        return [_walk(v, ctx) for v in value]
+        return [_walk(v, ctx, depth + 1) for v in value]
     if type(value) is dict:
-        return {k: _walk(v, ctx) for k, v in value.items()}
+        return {k: _walk(v, ctx, depth + 1) for k, v in value.items()}
     return value
 
 
-_SHAPES = [struct.Struct(f"<{n}Q") for n in range(33)]
+_SHAPES = [struct.Struct(f"<{n}Q") for n in range(MAX_NDIM + 1)]
 
 
 def _ext_array(ext, ctx: _Ctx):
@@ -358,28 +434,16 @@ def _ext_array(ext, ctx: _Ctx):
     kind, dcode, ndim, ccode, off, n = _ARRAY.unpack_from(data, 0)
     if ndim >= len(_SHAPES) or len(data) != _ARRAY.size + 8 * ndim:
         raise _corrupt(f"array descriptor of {len(data)} bytes does not fit ndim={ndim}")
-    shape = _SHAPES[ndim].unpack_from(data, _ARRAY.size)
-    return _array(ctx.buf, ctx.start, ctx.stored, True, kind, dcode, ccode, off, n, shape, ctx.decode_to, ctx.torch)
+    shape = list(_SHAPES[ndim].unpack_from(data, _ARRAY.size))
+    checked = check_array(kind, dcode, ccode, off, n, shape, len(ctx.buf) - ctx.start)
+    return _array(ctx.buf, ctx.start, ctx.stored, True, *checked, ctx.decode_to, ctx.torch)
 
 
-def _array(buf, start, stored, verified, kind, dcode, ccode, off, n, shape, decode_to, torch, dest=None):
-    """One array from the payload: bounds-checked, then exactly one copy out of ``buf``."""
-    name = _NAME.get(dcode)
-    if name is None or kind not in (0, 1, 2):
-        raise _corrupt(f"unknown dtype code {dcode} or kind {kind}")
-    if start + off + n > len(buf):
-        raise _corrupt(f"array of {n} bytes at offset {off} runs past the {len(buf) - start}-byte payload")
+def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbytes, decode_to, torch, dest=None):
+    """One array from the payload (its descriptor already checked by check_array): exactly one copy out of ``buf``."""
     dt = _STORAGE[name]
-    size = 1
-    for d in shape:
-        if type(d) is not int or d < 0:
-            raise _corrupt(f"bad array shape {shape!r}"[:200])
-        size *= d
-    nbytes = size * dt.itemsize
     raw = buf[start + off:start + off + n]
     if ccode:
-        if ccode not in _DECOMPRESS:
-            raise _corrupt(f"unknown compression code {ccode}")
         # never inflate bytes that might be a random bomb: check the checksum first
         if not verified and xxhash.xxh3_64_intdigest(buf[PREFIX_SIZE:]) != stored:
             raise _corrupt("checksum mismatch")
@@ -387,16 +451,16 @@ def _array(buf, start, stored, verified, kind, dcode, ccode, off, n, shape, deco
             raw = _DECOMPRESS[ccode](raw, nbytes)
         except Exception as exc:
             raise _corrupt(f"cannot decompress array: {exc}") from exc
-    if len(raw) != nbytes:
-        raise _corrupt(f"array of shape {tuple(shape)} {name} needs {nbytes} bytes, found {len(raw)}")
+        if len(raw) != nbytes:
+            raise _corrupt(f"array of shape {shape} {name} needs {nbytes} bytes, found {len(raw)}")
     if dest is not None:
-        if dest.shape != tuple(shape) or dest.dtype.itemsize != dt.itemsize or not dest.flags.c_contiguous:
+        if dest.shape != shape or dest.dtype.itemsize != dt.itemsize or not dest.flags.c_contiguous:
             raise LmdbkitError(f"decode destination of shape {dest.shape} {dest.dtype} does not fit the stored "
-                               f"{name} array of shape {tuple(shape)}")
-        if size:
+                               f"{name} array of shape {shape}")
+        if nbytes:
             np.copyto(dest.view(dt), np.ndarray(shape, dt, raw))  # the one copy, into the caller's buffer
         return dest
-    arr = np.ndarray(shape, dt, raw).copy() if size else np.empty(shape, dt)  # the one copy
+    arr = np.ndarray(shape, dt, raw).copy() if nbytes else np.empty(shape, dt)  # the one copy
     return _finish(arr, name, kind, decode_to, torch)
 
 

@@ -84,13 +84,17 @@ class LMDBDataset(Dataset):
                 heads = [codec.parse(b) for b in bufs]
             except codec.CorruptItemError:
                 return None  # decoded one by one below, so the error names the item
-            first = {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in heads[0][4]}
+            # descriptors are checked against their buffers by parse, so the batch's size is bounded by the
+            # bytes stored; compressed arrays are decoded one by one
+            first = {d[0]: (d[1], d[2], d[3], d[6]) for d in heads[0][4]}
+            if any(ccode for _, _, ccode, _ in first.values()):
+                return None
             for head in heads[1:]:
-                if {d[0]: (d[1], d[2], d[3], tuple(d[6])) for d in head[4]} != first:
+                if {d[0]: (d[1], d[2], d[3], d[6]) for d in head[4]} != first:
                     return None  # shapes or dtypes differ within the batch
             in_worker = torch.utils.data.get_worker_info() is not None
-            outs = {name: _batch_tensor(getattr(torch, codec.dtype_name(dcode)), (len(indices), *shape), shared=in_worker)
-                    for name, (_kind, dcode, _ccode, shape) in first.items()}
+            outs = {name: _batch_tensor(getattr(torch, dname), (len(indices), *shape), shared=in_worker)
+                    for name, (_kind, dname, _ccode, shape) in first.items()}
             views = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in outs.items()}
             order = list(heads[0][3])  # the fields in their stored order
             metas = []

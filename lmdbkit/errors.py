@@ -16,6 +16,31 @@ class NotADatabaseError(LmdbkitError):
     """The path exists but holds no lmdbkit (or legacy) LMDB database."""
 
 
+class DamagedDatabaseError(LmdbkitError):
+    """The database's files are damaged (LMDB reports a broken page, or a file is cut short)."""
+
+
+class TruncatedDatabaseError(DamagedDatabaseError):
+    """data.mdb is shorter than the database it holds (an interrupted copy or download)."""
+
+
+class ReadOnlyError(LmdbkitError, PermissionError):
+    """The database's folder cannot be written (read-only media or permissions) where writing is needed."""
+
+
+class CommitError(LmdbkitError):
+    """A commit failed. ``not_committed`` lists the keys of the buffered items that were not written
+    (they stay buffered: ``commit()`` again once the cause is fixed); ``committed`` is the count on disk."""
+
+    def __init__(self, message: str, *, not_committed: list | None = None, committed: int | None = None):
+        super().__init__(message)
+        self.not_committed, self.committed = list(not_committed or []), committed
+
+
+class DiskFullError(CommitError):
+    """The disk (or quota) is full."""
+
+
 class FormatVersionError(LmdbkitError):
     """The database was written in a format version this lmdbkit cannot read."""
 
@@ -66,6 +91,10 @@ class DuplicateKeyError(LmdbkitError, ValueError):
     """A sample key was written twice."""
 
 
+class KeyTooLongError(LmdbkitError, ValueError):
+    """A sample key, source id or indexed value is longer than LMDB's key limit (511 bytes)."""
+
+
 class MapSizeLimitError(LmdbkitError):
     """The database reached the user-set hard cap max_size_gb."""
 
@@ -91,18 +120,24 @@ class AudioDecodeError(LmdbkitError):
 
 __all__ = [
     "AudioDecodeError",
+    "CommitError",
     "ConfigMismatchError",
     "CorruptItemError",
+    "DamagedDatabaseError",
     "DatabaseBusyError",
     "DatabaseExistsError",
     "DatabaseNotFoundError",
+    "DiskFullError",
     "DuplicateKeyError",
     "EncodeError",
     "FormatVersionError",
     "IndexNotFoundError",
+    "KeyTooLongError",
     "LmdbkitError",
     "MapSizeLimitError",
     "NotADatabaseError",
+    "ReadOnlyError",
     "SchemaError",
+    "TruncatedDatabaseError",
     "UnsafeFormatError",
 ]

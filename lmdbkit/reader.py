@@ -10,6 +10,7 @@ writer is still appending, and a writer's map growth is adopted invisibly.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 import pickle
@@ -18,11 +19,23 @@ from typing import Any, Iterable, Iterator
 import lmdb
 
 from . import codec, store
-from .errors import (CorruptItemError, IndexNotFoundError, LmdbkitError, NotADatabaseError,
+from .errors import (CorruptItemError, DamagedDatabaseError, IndexNotFoundError, LmdbkitError, NotADatabaseError,
                      UnsafeFormatError)
 from .writer import index_value
 
 _LEGACY_LEN_KEYS = (b"__len__", b"length", b"__length__", b"len", b"num_samples")
+ITER_CHUNK = 64  # items per read transaction while iterating
+
+
+def _lmdb_errors(method):
+    """Report LMDB's errors from a read method as DamagedDatabaseError naming the database."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kw):
+        try:
+            return method(self, *args, **kw)
+        except lmdb.Error as exc:
+            raise self._damaged(exc) from exc
+    return wrapper
 
 
 class Reader:
@@ -39,13 +52,15 @@ class Reader:
                  allow_pickle: bool = False, max_readers: int = 126):
         if decode_to not in codec.DECODE_TO:
             raise LmdbkitError(f"decode_to={decode_to!r} is unsupported. Supported values are {list(codec.DECODE_TO)}")
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
         self.path = str(store.check_exists(path))
         self.decode_to, self.verify, self.allow_pickle, self.max_readers = decode_to, verify, allow_pickle, max_readers
         self._h: store.Handle | None = None
         self._pid = -1
-        self._locked = not store.metadata_json_complete(self.path)
-        h = self._handle()
+        self._locked = store.reader_needs_lock(self.path)
         try:
+            h = self._handle()
             meta = store.read_meta(h)
             self.legacy = meta is None
             if meta is None:
@@ -77,11 +92,7 @@ class Reader:
         if h is not None and self._pid == os.getpid():
             return h
         self._h = None
-        try:
-            self._h = store.acquire(self.path, lock=self._locked, max_readers=self.max_readers)
-        except lmdb.Error as exc:
-            raise NotADatabaseError(f"{self.path}: LMDB cannot open it ({exc}). Is it an LMDB database "
-                                    "directory, readable by you?") from exc
+        self._h = store.acquire(self.path, lock=self._locked, max_readers=self.max_readers)
         self._pid = os.getpid()
         self._items = None if self.__dict__.get("legacy") else self._h.db(store.ITEMS)
         return self._h
@@ -193,15 +204,26 @@ class Reader:
 
     def __getitem__(self, i: int) -> dict:
         j = self._norm(i)
-        with self._txn() as txn:
-            return self._decode(self._raw(txn, j), j)[1]
+        try:
+            with self._txn() as txn:
+                return self._decode(self._raw(txn, j), j)[1]
+        except lmdb.Error as exc:
+            raise self._damaged(exc, j) from exc
 
+    @_lmdb_errors
     def read_many(self, indices: Iterable[int]) -> list[dict]:
         """Several items by index, in one read transaction."""
         idx = [self._norm(i) for i in indices]
         with self._txn() as txn:
             return [self._decode(self._raw(txn, j), j)[1] for j in idx]
 
+    def _damaged(self, exc: Exception, where: object = None) -> LmdbkitError:
+        """LMDB's own report of a damaged page, as an LmdbkitError naming the database (and item)."""
+        item = f" (reading item {where!r})" if where is not None else ""
+        return DamagedDatabaseError(f"{self.path}: LMDB reports damage{item}: {exc}. Run `lmdbkit verify "
+                                    f"{self.path}` for a report; restore the database from a good copy")
+
+    @_lmdb_errors
     def key_of(self, i: int) -> str | None:
         """The key an item was written under, from its header (its arrays are not decoded)."""
         j = self._norm(i)
@@ -214,6 +236,7 @@ class Reader:
             except CorruptItemError as exc:
                 raise exc.at(self.path, j) from exc
 
+    @_lmdb_errors
     def index_of(self, key: str) -> int | None:
         """The index of a key, or None."""
         if self.legacy:
@@ -234,6 +257,7 @@ class Reader:
             return default
         return self[j]
 
+    @_lmdb_errors
     def retrieve_batch(self, keys: Iterable[str]) -> list[dict | None]:
         """The items for several keys, in one transaction; None where a key is missing."""
         if self.legacy:
@@ -250,6 +274,7 @@ class Reader:
                 out.append(self._decode(self._raw(txn, j), k)[1])
         return out
 
+    @_lmdb_errors
     def keys(self) -> list[str]:
         """Every key, in index order (so ``keys()[i]`` is the key of ``reader[i]``)."""
         if self.legacy:
@@ -260,18 +285,36 @@ class Reader:
         return [k for _, k in pairs]
 
     def items(self) -> Iterator[tuple[str | None, dict]]:
-        """(key, sample) pairs in index order, through one cursor."""
+        """(key, sample) pairs in index order, through a cursor, a chunk of items per read transaction.
+
+        No transaction stays open while the caller holds the generator, so a writer in this process may grow
+        the map (which ends every transaction of the environment) between two items.
+        """
         if self.legacy:
             for i in range(len(self)):
                 yield str(i), self[i]
             return
-        n = len(self)
-        with self._txn() as txn:
-            for kb, buf in txn.cursor(db=self._items):
-                j = store.unpack_index(kb)
-                if j >= n:
-                    break
-                yield self._decode(buf, j)
+        n, start = len(self), 0
+        while start < n:
+            try:
+                with self._txn() as txn:
+                    cur = txn.cursor(db=self._items)
+                    ok = cur.set_range(store.pack_index(start))
+                    chunk = []
+                    while ok and len(chunk) < ITER_CHUNK:
+                        kb, buf = cur.item()
+                        j = store.unpack_index(kb)
+                        if j >= n:
+                            ok = False
+                            break
+                        chunk.append(self._decode(buf, j))
+                        ok = cur.next()
+            except lmdb.Error as exc:
+                raise self._damaged(exc, start) from exc
+            yield from chunk
+            if not ok:
+                return
+            start = j + 1
 
     def __iter__(self) -> Iterator[dict]:
         for _, sample in self.items():
@@ -290,6 +333,7 @@ class Reader:
                 f"lmdbkit.build_index({self.path!r}, {field!r}) (command line: lmdbkit index PATH {field}) or write with Writer(..., index_fields=({field!r},))")
         return self._handle().db(store.index_db_name(field))
 
+    @_lmdb_errors
     def query(self, **conditions: Any) -> list[int]:
         """Sorted indices of the items whose indexed fields equal the given values (several intersect)."""
         if not conditions:
@@ -305,6 +349,7 @@ class Reader:
                 result = found if result is None else result & found
         return sorted(result or ())
 
+    @_lmdb_errors
     def values(self, field: str) -> list[tuple[Any, int]]:
         """The distinct values of an indexed field with their item counts, as (value, count) pairs.
 

@@ -8,24 +8,31 @@ one environment, and a forked child forgets what it inherited before it opens it
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob as _glob
 import json
 import os
+import socket
 import struct
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import lmdb
 
-from .errors import (DatabaseBusyError, DatabaseNotFoundError, FormatVersionError, LmdbkitError,
-                     NotADatabaseError)
+from .errors import (DamagedDatabaseError, DatabaseBusyError, DatabaseNotFoundError, DiskFullError,
+                     FormatVersionError, LmdbkitError, NotADatabaseError, ReadOnlyError, TruncatedDatabaseError)
 
 FORMAT_NAME = "lmdbkit"
 FORMAT_VERSION = 1
 META_KEY = b"format"
 METADATA_JSON = "metadata.json"
+WRITER_LOCK = "writer.lock"
+DATA_FILE, LOCK_FILE = "data.mdb", "lock.mdb"
+MAX_KEY_BYTES = 511  # LMDB's compiled-in key limit (mdb_env_get_maxkeysize); also the limit of dupsort values
 SUFFIX = ".lmdb"
 
 ITEMS, KEYS, META, SOURCES = b"items", b"keys", b"meta", b"sources"
@@ -41,7 +48,11 @@ def pack_index(i: int) -> bytes:
 
 
 def unpack_index(b) -> int:
-    return _INDEX.unpack(b)[0]
+    try:
+        return _INDEX.unpack(b)[0]
+    except struct.error:
+        raise DamagedDatabaseError(f"an item index of {len(b)} bytes where 8 are stored: the database is damaged. "
+                                   "Run `lmdbkit verify PATH` for a report") from None
 
 
 def index_db_name(field: str) -> bytes:
@@ -94,6 +105,7 @@ class Handle:
 
 _lock = threading.RLock()
 _registry: dict[str, Handle] = {}
+_writer_locks: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
 
 
 def _forget_inherited() -> None:
@@ -104,6 +116,8 @@ def _forget_inherited() -> None:
     """
     global _lock
     _lock = threading.RLock()
+    for wl in list(_writer_locks):
+        wl.release()  # the parent keeps its lock; this child holds no writer
     for h in list(_registry.values()):
         try:
             h.env.close()
@@ -137,17 +151,63 @@ def acquire(path: str | os.PathLike, *, writable: bool = False, lock: bool = Tru
                 raise DatabaseBusyError(f"{path} already has a writer in this process; one writer per database")
             h.users += 1
             return h
-        if writable:
-            env = lmdb.open(rp, map_size=map_size or 1 << 26, max_dbs=MAX_DBS, subdir=True, sync=sync,
-                            metasync=sync, readahead=False, meminit=False, max_readers=max_readers, lock=True)
-        else:
-            env = lmdb.open(rp, readonly=True, lock=lock, readahead=False, meminit=False, max_dbs=MAX_DBS,
-                            subdir=True, max_readers=max_readers, create=False)
+        check_data_file(rp)  # a truncated data.mdb would kill this process with SIGBUS on first touch
+        try:
+            if writable:
+                env = lmdb.open(rp, map_size=map_size or 1 << 26, max_dbs=MAX_DBS, subdir=True, sync=sync,
+                                metasync=sync, readahead=False, meminit=False, max_readers=max_readers, lock=True)
+            else:
+                env = lmdb.open(rp, readonly=True, lock=lock, readahead=False, meminit=False, max_dbs=MAX_DBS,
+                                subdir=True, max_readers=max_readers, create=False)
+        except lmdb.Error as exc:
+            raise open_error(path, exc, writable=writable, locked=lock) from exc
         h = Handle(rp, env, writable=writable, locked=lock or writable, users=1)
         if not writable:
-            h.open_all()
+            try:
+                h.open_all()
+            except lmdb.Error as exc:
+                env.close()
+                raise DamagedDatabaseError(f"{path}: LMDB cannot read it ({exc}); the file is damaged. "
+                                        f"Run `lmdbkit verify {path}` for a report") from exc
         _registry[rp] = h
         return h
+
+
+def open_error(path, exc: Exception, *, writable: bool, locked: bool) -> LmdbkitError:
+    """The LmdbkitError for an lmdb.open that failed: read-only media, permissions, or not a database."""
+    code = _errno_of(exc)
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or isinstance(exc, lmdb.ReadonlyError):
+        what = "is on read-only media" if code == errno.EROFS else "is not writable by you"
+        if writable:
+            return ReadOnlyError(f"{path} {what}, so nothing can be written there ({exc}). Write to a folder "
+                                 "you can write to, or fix its permissions")
+        if locked:
+            return ReadOnlyError(
+                f"{path} is not marked complete (a writer may still be running, or one was interrupted), so it "
+                f"is opened with LMDB's lock file, which needs a writable folder; the folder {what} ({exc}). "
+                "Copy the database to writable storage, or finish it first: "
+                f"lmdbkit.Writer({str(path)!r}, mode='append').close()")
+        return ReadOnlyError(f"{path}: permission denied ({exc}); you need read access to its files")
+    if code == errno.ENOSPC:
+        return DiskFullError(f"disk full at {path}: LMDB cannot create its files ({exc}). Free space, then retry")
+    if code == errno.ENOMEM:
+        return LmdbkitError(f"{path}: LMDB cannot map the database ({exc}): the map size is larger than this "
+                            "process can reserve. Give a smaller map_size_gb (the map grows by itself)")
+    return NotADatabaseError(f"{path}: LMDB cannot open it ({exc}). Is it an LMDB database directory, "
+                             "readable by you?")
+
+
+def _errno_of(exc: Exception) -> int | None:
+    """The errno behind an lmdb.Error (py-lmdb puts it in the message as 'mdb_...: <strerror>')."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return code
+    text = str(exc)
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOMEM, errno.EDQUOT, errno.EFBIG,
+                 errno.EIO):
+        if os.strerror(code) in text:
+            return code
+    return None
 
 
 def release(h: Handle) -> None:
@@ -222,6 +282,81 @@ def looks_legacy(h: Handle) -> bool:
     return False
 
 
+def check_data_file(path: str | os.PathLike) -> None:
+    """Refuse a data.mdb that is shorter than its newest meta page says, before LMDB maps it.
+
+    An interrupted copy, a copy to a full disk or a partial download leaves such a file; LMDB would map
+    it and the first read of a missing page would kill the process with SIGBUS. The two meta pages at the
+    start of data.mdb record the last page in use; LMDB uses the one with the higher transaction id.
+    """
+    f = os.path.join(path, DATA_FILE)
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(2 * 65536)
+            size = os.fstat(fh.fileno()).st_size
+    except FileNotFoundError:
+        return  # a new database: LMDB creates it
+    except OSError as exc:
+        raise open_error(path, exc, writable=False, locked=False) from exc
+    if size == 0:
+        return  # created but never committed (LMDB writes its meta pages on open)
+    metas = []
+    psize = _meta_page_size(head)
+    for off in (0, psize or 0):
+        m = _read_meta_page(head, off) if psize else None
+        if m is not None:
+            metas.append(m)
+    if not metas:
+        raise TruncatedDatabaseError(
+            f"{f} is {size} bytes and holds no valid LMDB meta page: the file is incomplete or is not an LMDB "
+            "database (an interrupted copy or download?). Copy it again from the original")
+    last_pg, _txnid = max(metas, key=lambda m: m[1])
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise TruncatedDatabaseError(
+            f"{f} is incomplete: the file holds {size} bytes but the database needs {need} "
+            f"({last_pg + 1} pages of {psize} bytes). It was cut short (an interrupted copy, a copy to a full "
+            "disk, a partial download); copy it again from the original")
+
+
+_META_MAGIC = 0xBEEFC0DE
+_PAGE_HEADER = 16
+
+
+def _meta_page_size(head: bytes) -> int | None:
+    """The page size recorded in the first meta page (MDB_meta's free-db md_pad), if it is plausible."""
+    if len(head) < _PAGE_HEADER + 28:
+        return None
+    magic, _version = struct.unpack_from("<II", head, _PAGE_HEADER)
+    psize = struct.unpack_from("<I", head, _PAGE_HEADER + 24)[0]
+    if magic != _META_MAGIC or psize < 512 or psize > 65536 or psize & (psize - 1):
+        return None
+    return psize
+
+
+def _read_meta_page(head: bytes, off: int) -> tuple[int, int] | None:
+    """(last page number, transaction id) of the meta page at ``off``, or None if it is not one."""
+    m = off + _PAGE_HEADER
+    if len(head) < m + 136:
+        return None
+    magic, _version = struct.unpack_from("<II", head, m)
+    if magic != _META_MAGIC:
+        return None
+    return struct.unpack_from("<QQ", head, m + 120)
+
+
+def reader_needs_lock(path: str | os.PathLike) -> bool:
+    """Whether a reader must open ``path`` with LMDB's lock: only while it may still be written.
+
+    A database that metadata.json marks complete needs no lock (read-only media, NFS). Without lock.mdb no
+    writer has ever opened the environment (a writer creates it), so opening it without a lock creates no
+    file in a folder that may not be ours.
+    """
+    if metadata_json_complete(path):
+        return False
+    return os.path.exists(os.path.join(path, LOCK_FILE))
+
+
 def metadata_json_complete(path: str | os.PathLike) -> bool:
     """Whether the human-readable mirror says the database was closed cleanly (so readers need no lock)."""
     try:
@@ -232,11 +367,84 @@ def metadata_json_complete(path: str | os.PathLike) -> bool:
 
 
 def write_metadata_json(path: str | os.PathLike, meta: dict) -> None:
+    """Write the human-readable mirror atomically; on failure leave no temporary file behind."""
     tmp = os.path.join(path, METADATA_JSON + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, os.path.join(path, METADATA_JSON))
+    try:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, os.path.join(path, METADATA_JSON))
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"disk full at {path}: cannot write {METADATA_JSON} ({exc.strerror}); the database "
+                                f"itself holds {meta.get('count')} committed items. Free space, then append "
+                                "(Writer(path, mode='append')) or close it again") from exc
+        raise LmdbkitError(f"{path}: cannot write {METADATA_JSON} ({exc})") from exc
+
+
+# -- one writer per database, across processes --------------------------------------------------------
+
+class WriterLock:
+    """An exclusive lock on ``<path>/writer.lock`` held for a writer's whole life.
+
+    LMDB's own write lock lasts one transaction, so two writers in two processes would interleave their
+    commits. This lock is a ``flock`` on its own file: the kernel drops it when its holder exits, however
+    it exits (a SIGKILLed writer never leaves the database locked), and it works on local filesystems and,
+    through the kernel's emulation, on NFS. The holder writes its pid and host into the file, so a refused
+    writer can say who holds it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.path.join(path, WRITER_LOCK)
+        self.pid = os.getpid()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise open_error(path, exc, writable=True, locked=True) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise DatabaseBusyError(
+                f"{path} is being written by another process{holder}; one writer per database. Wait for it to "
+                "finish (or stop it), then open the writer again") from None
+        except OSError as exc:
+            os.close(fd)
+            raise LmdbkitError(f"{path}: cannot lock {WRITER_LOCK} ({exc}); writing needs a filesystem with "
+                               "file locks") from exc
+        self.fd = fd
+        _writer_locks.add(self)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {self.pid} host {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock holds without the note (e.g. the disk is full)
+
+    def release(self) -> None:
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            if self.pid == os.getpid():
+                try:
+                    os.ftruncate(fd, 0)
+                except OSError:
+                    pass
+            _writer_locks.discard(self)
+            os.close(fd)  # in a forked child this drops only the child's copy; the parent keeps its lock
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        return ""
+    if len(text) >= 4 and text[0] == "pid" and text[2] == "host":
+        return f" (pid {text[1]} on {text[3]})"
+    return ""
 
 
 # -- many databases: a path, a list, a directory of *.lmdb, or a glob --------------------------------

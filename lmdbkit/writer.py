@@ -10,6 +10,7 @@ the writer aborts that transaction, doubles the map (logging it) and replays the
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -21,8 +22,9 @@ import lmdb
 import numpy as np
 
 from . import codec, store
-from .errors import (ConfigMismatchError, DatabaseBusyError, DatabaseExistsError, DuplicateKeyError, LmdbkitError,
-                     MapSizeLimitError, NotADatabaseError, SchemaError, UnsafeFormatError)
+from .errors import (CommitError, ConfigMismatchError, DatabaseBusyError, DatabaseExistsError, DiskFullError,
+                     DuplicateKeyError, KeyTooLongError, LmdbkitError, MapSizeLimitError, NotADatabaseError,
+                     ReadOnlyError, SchemaError, UnsafeFormatError)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,45 @@ DEFAULT_MAP_SIZE = 64 << 20
 INDEXABLE = (bool, int, str)
 Mode = Literal["create", "append", "overwrite"]
 MODES = ("create", "append", "overwrite")
+
+
+MAX_MAP_GB = 1 << 17  # 128 TiB: the user address space of x86-64 and arm64 Linux
+
+
+def _field_names(fields: Iterable[str] | str) -> tuple[str, ...]:
+    """index_fields as a tuple of names; a bare string is one field (not its characters)."""
+    if isinstance(fields, str):
+        fields = (fields,)
+    try:
+        out = tuple(fields)
+    except TypeError:
+        raise LmdbkitError(f"index_fields={fields!r}: give field names, e.g. ('label', 'category')") from None
+    for f in out:
+        if not isinstance(f, str) or not f:
+            raise LmdbkitError(f"index_fields={out!r}: every field name is a non-empty string, got {f!r}")
+        check_key_bytes(store.index_db_name(f), what=f"index field name {f!r}", limit=MAX_NAME_BYTES)
+    return out
+
+
+MAX_NAME_BYTES = 200
+
+
+def check_key_bytes(b: bytes, *, what: str, limit: int = store.MAX_KEY_BYTES) -> bytes:
+    """``b``, or KeyTooLongError naming what it is, its length and the limit (before anything is queued)."""
+    if len(b) > limit:
+        shown = b[:60].decode(errors="replace")
+        raise KeyTooLongError(f"{what} is {len(b)} bytes in UTF-8 ({shown!r}...); LMDB keys hold at most {limit} "
+                              "bytes. Use a shorter key (e.g. a hash of the long one, with the full text as a field)")
+    return b
+
+
+def encode_key(key: str, *, what: str) -> bytes:
+    """A key's UTF-8 bytes, or a clear error for text that has no UTF-8 form (lone surrogates)."""
+    try:
+        return key.encode()
+    except UnicodeEncodeError as exc:
+        raise LmdbkitError(f"{what} {key!r} is not valid Unicode text ({exc.reason} at position {exc.start}: "
+                           "often a file name with non-UTF-8 bytes); give a key with valid characters") from None
 
 
 def _now() -> str:
@@ -44,7 +85,12 @@ def index_value(value: Any, *, field: str, key: object = None) -> bytes:
     if not isinstance(value, INDEXABLE):
         raise SchemaError(f"indexed field {field!r} of item {key!r} is {type(value).__name__} {value!r}; "
                           "indexes hold int, str or bool values")
-    return json.dumps(value, ensure_ascii=False).encode()
+    try:
+        b = json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise SchemaError(f"indexed field {field!r} of item {key!r} is {value!r}, which is not valid Unicode text "
+                          "(lone surrogates); give valid text") from None
+    return check_key_bytes(b, what=f"the value of indexed field {field!r} of item {key!r}")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -90,15 +136,21 @@ class Writer:
                  max_size_gb: float | None = None, commit_items: int = 1000, commit_bytes: int = 64 << 20,
                  durable: bool = True, index_fields: Iterable[str] = (), metadata: dict | None = None,
                  compression: str | None = None, max_readers: int = 126):
+        self.closed = True  # until the database is open: close()/__del__ of a refused writer do nothing
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if not isinstance(path, (str, os.PathLike)):
+            raise LmdbkitError(f"path={path!r}: give a str or pathlib.Path of the <name>.lmdb folder")
         self.path = Path(path)
         if mode not in MODES:
             raise LmdbkitError(f"mode={mode!r} is unsupported. Supported modes are {list(MODES)}")
-        for name, v in (("commit_items", commit_items), ("commit_bytes", commit_bytes)):
-            if not isinstance(v, int) or v < 1:
+        for name, v in (("commit_items", commit_items), ("commit_bytes", commit_bytes), ("max_readers", max_readers)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise LmdbkitError(f"{name}={v!r}: give a positive integer")
         for name, v in (("map_size_gb", map_size_gb), ("max_size_gb", max_size_gb)):
-            if v is not None and not v > 0:
-                raise LmdbkitError(f"{name}={v!r}: give a positive size in GiB, or None")
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < MAX_MAP_GB):
+                raise LmdbkitError(f"{name}={v!r}: give a size in GiB above 0 and below {MAX_MAP_GB} (what a "
+                                   "64-bit process can map), or None: the map grows by itself")
         codec.check_compression(compression)
         self.max_size = int(max_size_gb * GiB) if max_size_gb else None
         map_size = int(map_size_gb * GiB) if map_size_gb else DEFAULT_MAP_SIZE
@@ -109,13 +161,19 @@ class Writer:
             map_size = min(map_size, self.max_size)
         self.commit_items, self.commit_bytes = commit_items, commit_bytes
         self.compression = compression
-        self.index_fields = tuple(index_fields)
+        self.index_fields = _field_names(index_fields)
         self.mode = mode
-
-        self._prepare(mode)
-        self._h = store.acquire(self.path, writable=True, map_size=map_size, max_readers=max_readers, sync=durable)
         self.durable = durable
-        self.closed = False
+        self._pid = os.getpid()
+
+        created = self._prepare(mode)  # takes the writer lock
+        try:
+            self._h = store.acquire(self.path, writable=True, map_size=map_size, max_readers=max_readers,
+                                    sync=durable)
+        except BaseException:
+            self._lock.release()
+            self._undo_create(created)
+            raise
         try:
             if mode == "append":  # before anything is written: refuse environments that are not ours
                 if store.looks_legacy(self._h):
@@ -150,30 +208,65 @@ class Writer:
             self._in_source = False       # inside append_source: no commit may split the source
             self._sig: tuple | None = None
             self._rtxn = self._h.env.begin()
+            self.closed = False
             self._commit(mark_complete=False)  # an (empty) consistent database from the start
         except BaseException:
+            self.closed = True
             store.release(self._h)
+            self._lock.release()
+            if mode != "append" or created:
+                self._undo_create(created)
             raise
 
     # -- setup ---------------------------------------------------------------------------------------
 
-    def _prepare(self, mode: str) -> None:
+    def _prepare(self, mode: str) -> bool | None:
+        """Check the path, take the writer lock, apply the mode. Returns True if this call created the folder,
+        False if it will create the database files in an existing empty folder, None if a database exists."""
         p = self.path
-        exists = p.exists() and (not p.is_dir() or any(p.iterdir()))
-        if not exists:
-            p.mkdir(parents=True, exist_ok=True)
-            return
-        if not p.is_dir() or not (p / "data.mdb").exists():
+        if p.exists() and not p.is_dir():
+            raise NotADatabaseError(f"{p} exists and is a file, not an LMDB database folder; choose another path")
+        ours = {store.WRITER_LOCK}
+        existed = p.is_dir()
+        if existed and not (p / store.DATA_FILE).exists() and any(q.name not in ours for q in p.iterdir()):
             raise NotADatabaseError(f"{p} exists and is not an LMDB database; refusing to write into it. "
                                     "Choose another path or remove it yourself")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store.open_error(p, exc, writable=True, locked=True) from exc
+        self._lock = store.WriterLock(p)
+        if not (p / store.DATA_FILE).exists():
+            return not existed
         if mode == "create":
+            self._lock.release()
             raise DatabaseExistsError(f"{p} already exists. Pass mode='append' to continue it or "
                                       "mode='overwrite' to replace it")
         if mode == "overwrite":
             if store.is_open(p):
+                self._lock.release()
                 raise DatabaseBusyError(f"{p} is open in this process; close its readers before overwriting it")
-            shutil.rmtree(p)
-            p.mkdir(parents=True)
+            for q in p.iterdir():  # everything but the lock this writer holds
+                if q.name not in ours:
+                    shutil.rmtree(q) if q.is_dir() and not q.is_symlink() else q.unlink()
+            return False
+        return None
+
+    def _undo_create(self, created: bool | None) -> None:
+        """Remove what a refused or failed new writer created (never an existing database)."""
+        if created is None:
+            return
+        p = self.path
+        for name in (store.DATA_FILE, store.LOCK_FILE, store.METADATA_JSON, store.WRITER_LOCK):
+            try:
+                (p / name).unlink()
+            except OSError:
+                pass
+        if created:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
     def _foreign_keys(self) -> list[bytes]:
         """Keys of the main database that are not lmdbkit's sub-databases (another program's data)."""
@@ -218,11 +311,16 @@ class Writer:
         return self.count + len(self._pending)
 
     def _check_open(self) -> None:
+        if self._pid != os.getpid():
+            raise DatabaseBusyError(
+                f"this Writer of {self.path} was opened by process {self._pid}; a forked child (pid {os.getpid()}) "
+                "cannot write through it (two processes would interleave their commits). Write from the parent, "
+                "or close it there and open a new Writer in the child")
         if self.closed:
             raise LmdbkitError(f"the writer of {self.path} is closed; open a new Writer(mode='append')")
 
     def __contains__(self, key: str) -> bool:
-        kb = key.encode()
+        kb = encode_key(key, what="key")
         return kb in self._pending_keys or self._rtxn.get(kb, db=self._keys) is not None
 
     def append(self, sample: dict, *, key: str | None = None) -> int:
@@ -232,8 +330,8 @@ class Writer:
         key = str(i) if key is None else key
         if not isinstance(key, str) or not key:
             raise LmdbkitError(f"key={key!r}: sample keys are non-empty strings")
-        kb = key.encode()
-        if key in self:
+        kb = check_key_bytes(encode_key(key, what="key"), what=f"key {key[:60]!r}")
+        if kb in self._pending_keys or self._rtxn.get(kb, db=self._keys) is not None:
             raise DuplicateKeyError(f"{self.path}: key {key!r} is already in the database; sample keys must be unique")
         data, sig = codec.encode_with_schema(sample, key, compression=self.compression)
         if sig != self._sig:
@@ -256,6 +354,7 @@ class Writer:
         ``sources()``) or absent: resuming redoes exactly the missing ones.
         """
         self._check_open()
+        sb = check_key_bytes(encode_key(source, what="source"), what=f"source {source[:60]!r}")
         mark = (len(self._pending), len(self._pending_index), self._pending_bytes)
         self._in_source = True
         try:
@@ -269,13 +368,15 @@ class Writer:
         finally:
             self._in_source = False
         rec = dict(info or {}, items=idx)
-        self._pending_sources.append((source.encode(), json.dumps(rec).encode()))
+        self._pending_sources.append((sb, json.dumps(rec).encode()))
         if len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes:
             self.commit()
         return idx
 
     def has_source(self, source: str) -> bool:
-        sb = source.encode()
+        sb = encode_key(source, what="source")
+        if len(sb) > store.MAX_KEY_BYTES:
+            return False
         return any(s == sb for s, _ in self._pending_sources) or self._rtxn.get(sb, db=self._sources) is not None
 
     def sources(self) -> dict[str, dict]:
@@ -310,6 +411,7 @@ class Writer:
         joins ``index_fields`` and later appends keep the index current. Returns the number of entries.
         """
         self._check_open()
+        (field,) = _field_names(field)
         if field in self.index_fields:
             return 0
         self.commit()
@@ -320,29 +422,48 @@ class Writer:
 
         def flush():
             nonlocal written
-            while True:
-                try:
-                    with self._h.env.begin(write=True) as txn:
-                        for v, ik in entries:
-                            txn.put(v, ik, db=d, dupdata=True)
-                    break
-                except lmdb.MapFullError:
-                    self._grow()
+            self._rtxn.abort()  # growing the map must find no transaction open
+            try:
+                while True:
+                    try:
+                        with self._h.env.begin(write=True) as txn:
+                            for v, ik in entries:
+                                txn.put(v, ik, db=d, dupdata=True)
+                        break
+                    except lmdb.MapFullError:
+                        self._grow()
+                    except lmdb.Error as exc:
+                        raise self._commit_failed(exc) from exc
+            finally:
+                self._rtxn = self._h.env.begin()
             written += len(entries)
             entries.clear()
 
-        with self._h.begin(buffers=True) as txn:
-            for ik, buf in tqdm(txn.cursor(db=self._items), total=self.count, disable=not progress,
-                                desc=f"index {field}"):
-                try:
-                    _, _, key, fields, _ = codec.parse(buf)  # header only: no array is copied
-                except codec.CorruptItemError as exc:
-                    raise exc.at(str(self.path), store.unpack_index(ik)) from exc
-                if field not in fields:
-                    raise SchemaError(f"{self.path}: item {key!r} has no field {field!r}; fields are {sorted(fields)}")
-                entries.append((index_value(fields[field], field=field, key=key), bytes(ik)))
-                if len(entries) >= 100_000:
-                    flush()
+        # read in chunks, each in its own transaction, and write between them: growing the map (set_mapsize)
+        # invalidates every open transaction of the environment, so none may be open while flush() runs
+        bar = tqdm(total=self.count, disable=not progress, desc=f"index {field}")
+        start = 0
+        while start < self.count:
+            with self._h.begin(buffers=True) as txn:
+                cur = txn.cursor(db=self._items)
+                ok = cur.set_range(store.pack_index(start))
+                while ok and len(entries) < 100_000:
+                    ik, buf = cur.item()
+                    i = store.unpack_index(ik)
+                    try:
+                        _, _, key, fields, _ = codec.parse(buf)  # header only: no array is copied
+                    except codec.CorruptItemError as exc:
+                        raise exc.at(str(self.path), i) from exc
+                    if field not in fields:
+                        raise SchemaError(f"{self.path}: item {key!r} has no field {field!r}; fields are {sorted(fields)}")
+                    entries.append((index_value(fields[field], field=field, key=key), bytes(ik)))
+                    start = i + 1
+                    ok = cur.next()
+                if not ok:
+                    start = self.count
+            bar.update(len(entries))
+            flush()
+        bar.close()
         flush()
         self._index[field] = d
         self.index_fields = (*self.index_fields, field)
@@ -355,7 +476,8 @@ class Writer:
         self.meta["metadata"] = dict(self.meta.get("metadata", {}), **values)
 
     def commit(self) -> None:
-        """Commit the buffered items now."""
+        """Commit the buffered items now. If it fails (CommitError, DiskFullError), the items stay buffered
+        and the error lists their keys: fix the cause (free space) and call ``commit()`` again."""
         self._check_open()
         self._commit(mark_complete=False)
 
@@ -370,6 +492,9 @@ class Writer:
             self._rtxn = self._h.env.begin()
         self.count += n
         self.meta = meta
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
         self._pending.clear()
         self._pending_keys.clear()
         self._pending_index.clear()
@@ -392,6 +517,33 @@ class Writer:
                 break
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as exc:
+                raise self._commit_failed(exc) from exc
+
+    def _commit_failed(self, exc: Exception) -> CommitError:
+        """The error for a commit LMDB refused: what is on disk, which buffered items were not written, why."""
+        keys = [kb.decode(errors="replace") for _, kb, _ in self._pending]
+        if not keys:
+            lost = "no buffered items were waiting"
+        else:
+            shown = ", ".join(repr(k) for k in keys[:3]) + (f", ... {keys[-1]!r}" if len(keys) > 3 else "")
+            lost = (f"the {len(keys)} buffered items (indices {self.count}..{self.count + len(keys) - 1}, keys "
+                    f"{shown}) were not written; they stay buffered")
+        where = f"{self.count} items committed (intact); {lost}"
+        code = store._errno_of(exc)
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError:
+            free = None
+        full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < max(4 * self._pending_bytes, 16 << 20))
+        if full:
+            return DiskFullError(f"disk full at {self.path}: {where}. Free space, then call commit() again, or close "
+                                 f"and continue later with Writer(path, mode='append') ({exc})",
+                                 not_committed=keys, committed=self.count)
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM) or isinstance(exc, lmdb.ReadonlyError):
+            return ReadOnlyError(f"{self.path} cannot be written ({exc}): {where}")
+        return CommitError(f"{self.path}: LMDB refused the commit ({exc}): {where}. Call commit() again once the "
+                           "cause is fixed", not_committed=keys, committed=self.count)
 
     def _grow(self) -> None:
         env = self._h.env
@@ -410,9 +562,14 @@ class Writer:
     # -- closing -------------------------------------------------------------------------------------
 
     def close(self, *, complete: bool = True) -> None:
-        """Commit what is buffered, mark the database complete (unless complete=False) and write metadata.json."""
+        """Commit what is buffered, mark the database complete (unless complete=False) and write metadata.json.
+
+        If the last commit fails, the writer still closes (the database keeps every committed item, marked
+        incomplete) and the error lists the items that were not written.
+        """
         if self.closed:
             return
+        self._check_open()
         try:
             self._commit(mark_complete=complete)
             if not self.durable:
@@ -422,16 +579,13 @@ class Writer:
             self.closed = True
             self._rtxn.abort()
             store.release(self._h)
+            self._lock.release()
 
     def abort(self) -> None:
         """Close without committing the buffered items; the database keeps what was committed, incomplete."""
-        if self.closed:
+        if self.closed or self._pid != os.getpid():
             return
-        self._pending.clear()
-        self._pending_keys.clear()
-        self._pending_index.clear()
-        self._pending_sources.clear()
-        self._pending_bytes = 0
+        self._drop_pending()
         self.close(complete=False)
 
     def __enter__(self) -> "Writer":
@@ -441,12 +595,26 @@ class Writer:
         if exc_type is None:
             self.close()
             return
+        if self._pid != os.getpid():
+            return  # a forked child leaving a with-block it inherited: the parent's writer is not ours
         # keep every whole item appended before the exception (a half-added source was rolled back),
-        # marked incomplete; if even that fails, keep what was committed
+        # marked incomplete; if even that fails, keep what was committed and say what was not
         try:
             self.close(complete=False)
-        except Exception:
+        except Exception as failed:
+            note = f"lmdbkit: while closing {self.path} after this error: {failed}"
+            if hasattr(exc, "add_note") and not isinstance(exc, CommitError):
+                exc.add_note(note)
+            log.error(note)
             self.abort()
+
+    def __del__(self):
+        # an unclosed writer (e.g. dropped in a notebook) must not keep the database locked
+        try:
+            if not self.closed and self._pid == os.getpid():
+                self.close(complete=False)
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -110,10 +110,12 @@ def test_import_lmdbkit_does_not_import_torch():
 
 def test_public_names_are_pinned():
     assert sorted(lmdbkit.__all__) == sorted([
-        "AudioDecodeError", "ConfigMismatchError", "CorruptItemError", "DatabaseBusyError", "DatabaseExistsError",
-        "DatabaseNotFoundError", "DuplicateKeyError", "EncodeError", "FormatVersionError", "IndexNotFoundError",
-        "LMDBDataTransform", "LMDBDataset", "LmdbkitError", "MapSizeLimitError", "NotADatabaseError", "Reader",
-        "SchemaError", "SpectrogramTransform", "StftConfig", "UnsafeFormatError", "Writer", "__version__",
+        "AudioDecodeError", "CommitError", "ConfigMismatchError", "CorruptItemError", "DamagedDatabaseError",
+        "DatabaseBusyError", "DatabaseExistsError", "DatabaseNotFoundError", "DiskFullError", "DuplicateKeyError",
+        "EncodeError", "FormatVersionError", "IndexNotFoundError", "KeyTooLongError", "LMDBDataTransform",
+        "LMDBDataset", "LmdbkitError", "MapSizeLimitError", "NotADatabaseError", "ReadOnlyError", "Reader",
+        "SchemaError", "SpectrogramTransform", "StftConfig", "TruncatedDatabaseError", "UnsafeFormatError",
+        "Writer", "__version__",
         "benchmark_lmdb_performance", "build_index", "create_data_loader", "create_train_val_loaders",
         "crop_collate", "decode", "encode", "pad_collate", "query_samples_by_category", "query_samples_by_label",
         "verify",

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lmdbkit
 from lmdbkit import convert, index
 from lmdbkit.errors import IndexNotFoundError, LmdbkitError, UnsafeFormatError
-from lmdbkit.verify import verify
+from lmdbkit.integrity import verify
 
 # -- indexes and queries ----------------------------------------------------------------------------
 
