@@ -213,12 +213,86 @@ def segments(n_frames: int, sr: int, segment_seconds: float | None, hop_seconds:
     return out
 
 
+BLOCK_SECONDS = 10.0  # decode, mix and resample this much audio at a time
+
+
+def decode_resampled(path: str | os.PathLike, *, sample_rate: int, mono: str) -> tuple[np.ndarray, int]:
+    """(float32 [channels, frames] at ``sample_rate`` after the channel policy, original rate), decoded in blocks.
+
+    Peak memory is the output at the target rate plus one block, not the whole file at its original rate
+    and channel count (an hour of 44.1 kHz stereo is 1.3 GB as float32; its 16 kHz mono output 230 MB).
+    Files soundfile cannot read go through ``decode`` (torchaudio, whole file) as before.
+    """
+    import soundfile as sf
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise AudioDecodeError(f"{p}: cannot read the file ({exc.strerror})") from exc
+    if size == 0:
+        raise AudioDecodeError(f"{p}: empty file (0 bytes)")
+    try:
+        f = sf.SoundFile(str(p))
+    except Exception:
+        x, sr = decode(p)  # torchaudio, or the precise reason
+        return resample(mix(x, mono), sr, sample_rate), sr
+    with f:
+        _check_not_truncated(p, f.extra_info)
+        sr, channels = f.samplerate, f.channels
+        out_ch = channels if mono == "keep" else 1
+        stream = None
+        if sr != sample_rate:
+            import soxr
+            stream = soxr.ResampleStream(sr, sample_rate, out_ch, dtype="float32", quality="HQ")
+        expect = int(math.ceil(max(f.frames, 0) * sample_rate / sr)) + 64 if f.frames > 0 else 0
+        out = _Growing(out_ch, expect)
+        block = max(1, int(BLOCK_SECONDS * sr))
+        try:
+            while True:
+                x = f.read(block, dtype="float32", always_2d=True)  # [frames, channels]
+                last = x.shape[0] < block
+                if x.shape[0] and not np.isfinite(x).all():
+                    raise AudioDecodeError(f"{p}: the decoded audio holds NaN or infinite samples")
+                y = mix(np.ascontiguousarray(x.T), mono)
+                if stream is not None:
+                    y = stream.resample_chunk(np.ascontiguousarray(y.T), last=last).T
+                out.add(y)
+                if last:
+                    break
+        except AudioDecodeError:
+            raise
+        except Exception as exc:  # libsndfile's errors mid-file
+            raise AudioDecodeError(f"{p}: not decodable audio ({exc})") from exc
+    if out.n == 0:
+        raise AudioDecodeError(f"{p}: no audio frames (zero-length audio)")
+    return out.array(), int(sr)
+
+
+class _Growing:
+    """A [channels, frames] float32 buffer filled block by block; grows by doubling if the estimate was short."""
+
+    def __init__(self, channels: int, capacity: int):
+        self.buf = np.empty((channels, max(capacity, 1)), np.float32)
+        self.n = 0
+
+    def add(self, y: np.ndarray) -> None:
+        m = y.shape[1]
+        if self.n + m > self.buf.shape[1]:
+            bigger = np.empty((self.buf.shape[0], max(2 * self.buf.shape[1], self.n + m)), np.float32)
+            bigger[:, :self.n] = self.buf[:, :self.n]
+            self.buf = bigger
+        self.buf[:, self.n:self.n + m] = y
+        self.n += m
+
+    def array(self) -> np.ndarray:
+        return self.buf[:, :self.n]  # a view: no copy of the whole file
+
+
 def load_segments(path: str | os.PathLike, *, sample_rate: int, mono: str, segment_seconds: float | None,
                   hop_seconds: float | None, pad_last: bool) -> tuple[list[np.ndarray], list[tuple[int, int]], int, float]:
-    """Decode, mix, resample and cut one file: (segments [C, L] float32, their (start, valid length), original
-    rate, duration in seconds). Raises AudioDecodeError if nothing usable comes out."""
-    x, sr = decode(path)
-    x = resample(mix(x, mono), sr, sample_rate)
+    """Decode (in blocks), mix, resample and cut one file: (segments [C, L] float32, their (start, valid length),
+    original rate, duration in seconds). Raises AudioDecodeError if nothing usable comes out."""
+    x, sr = decode_resampled(path, sample_rate=sample_rate, mono=mono)
     n = x.shape[1]
     spans = segments(n, sample_rate, segment_seconds, hop_seconds, pad_last)
     if not spans:
@@ -232,6 +306,17 @@ def load_segments(path: str | os.PathLike, *, sample_rate: int, mono: str, segme
         out.append(np.ascontiguousarray(seg))
         valid.append((start, min(length, n - start)))
     return out, valid, sr, n / sample_rate
+
+
+def utf8_name_problem(rel: str) -> str | None:
+    """Why a relative path cannot be a key (file names with non-UTF-8 bytes arrive as lone surrogates), or None."""
+    try:
+        rel.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        raw = os.fsencode(rel)
+        return (f"the file name is not valid UTF-8 ({raw!r}); rename it (e.g. `convmv -f latin1 -t utf8`) "
+                "to include it")
 
 
 def seconds(n_samples: int, sr: int) -> float:

@@ -23,11 +23,13 @@ class LMDBDataset(Dataset):
     Items are dicts (arrays as torch tensors by default, see ``decode_to``), passed through ``transform``
     if one is given. ``__getitems__`` reads a whole DataLoader batch with one transaction per database.
     It is safe with DataLoader workers under fork and spawn: each process opens its own environment.
+    ``verify=True`` (the default here, unlike Reader) checks each item's checksum: measured at ~1% of a
+    DataLoader epoch with 2 workers, it turns silently damaged bytes into a CorruptItemError naming the item.
     """
 
     def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *,
                  transform: Callable[[dict], Any] | None = None, decode_to: codec.DecodeTo = "torch",
-                 verify: bool = False, allow_pickle: bool = False, max_readers: int = 126, prebatch: bool = False):
+                 verify: bool = True, allow_pickle: bool = False, max_readers: int = 126, prebatch: bool = False):
         self.source = MultiReader(paths, decode_to=decode_to, verify=verify, allow_pickle=allow_pickle,
                                   max_readers=max_readers)
         self.paths, self.readers = self.source.paths, self.source.readers

@@ -151,7 +151,11 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     sources = audio.discover(root, manifest=manifest)
     if limit is not None:
         sources = sources[:limit]
-    if not sources:
+    # a file whose name is not UTF-8 cannot be a key: skipped with its reason, like any bad file
+    bad_names = [{"path": s.path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "reason": why}
+                 for s in sources if (why := audio.utf8_name_problem(s.path))]
+    sources = [s for s in sources if audio.utf8_name_problem(s.path) is None]
+    if not sources and not bad_names:
         raise LmdbkitError(f"no audio files under {root} (looked for {', '.join(audio.AUDIO_EXTENSIONS)}); "
                            "check audio_dir, or give a manifest")
     for s in sources:
@@ -173,8 +177,13 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
             writers[split] = w
             w.set_metadata(labels=labels, shard={"index": shard_index, "count": num_shards})
         pending = [s for s in mine if not writers[split_of[s.path]].has_source(s.path)]
+        done = {s.path: n for s in pending if (n := writers[split_of[s.path]].source_progress(s.path))}
+        if strict and bad_names:
+            raise AudioDecodeError(f"{bad_names[0]['path']}: {bad_names[0]['reason']} (strict=True stops at the "
+                                   "first bad file; strict=False skips and reports bad files)")
         stats = _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, num_workers=num_workers,
-                     batch_size=batch_size, strict=strict, progress=progress)
+                     batch_size=batch_size, strict=strict, progress=progress, done=done)
+        stats["skipped"][:0] = bad_names
         summary = _summary(writers, root, out, stats, len(mine) - len(pending), time.perf_counter() - t_start,
                            stft_cfg, dev, shard_index, num_shards, num_workers)
         for w in writers.values():
@@ -189,13 +198,14 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
 
 
 def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, num_workers, batch_size,
-         strict, progress) -> dict:
+         strict, progress, done=None) -> dict:
     stats = {"files": 0, "items": 0, "audio_seconds": 0.0, "skipped": [], "stft_seconds": 0.0,
              "write_seconds": 0.0, "wait_seconds": 0.0}
     if not pending:
         return stats
+    done = done or {}
     loader = DataLoader(_Files(root, pending, audio_cfg), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, persistent_workers=False,
+                        collate_fn=_collate, persistent_workers=False, worker_init_fn=die_with_parent,
                         prefetch_factor=4 if num_workers else None)
     bar = tqdm(total=len(pending), unit="file", desc="precompute", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -217,27 +227,22 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
                 else:
                     good.append(rec)
             ts = time.perf_counter()
-            specs = _batched_stft([seg for rec in good for seg in rec["segments"]], stft_cfg, dev)
-            stats["stft_seconds"] += time.perf_counter() - ts
-            ts = time.perf_counter()
-            k = 0
+            # STFTs are computed a chunk of segments at a time, as the writer takes them (a long file never
+            # holds all its spectrograms in memory), and batched across the short files of this batch
+            specs = _lazy_stft([seg for rec in good for seg in rec["segments"]], stft_cfg, dev, batch_size)
             for rec in good:
                 s: audio.Source = rec["source"]
                 n = len(rec["segments"])
-                samples = []
-                for j, ((start, valid), spec) in enumerate(zip(rec["spans"], specs[k:k + n])):
-                    samples.append((f"{s.path}#{j}", {
-                        "stft": spec, "label": labels[s.label_name], "label_name": s.label_name, "path": s.path,
-                        "segment": j, "offset_s": start / audio_cfg.sample_rate,
-                        "duration_s": valid / audio_cfg.sample_rate, "sample_rate": audio_cfg.sample_rate,
-                        "orig_sample_rate": rec["orig_sample_rate"]}))
-                k += n
-                writers[split_of[s.path]].append_source(
-                    s.path, samples, info={"duration_s": rec["duration_s"], "orig_sample_rate": rec["orig_sample_rate"]})
+                w = writers[split_of[s.path]]
+                w.append_source(s.path, _file_samples(rec, specs, labels, audio_cfg, skip=done.get(s.path, 0)),
+                                info={"duration_s": rec["duration_s"], "orig_sample_rate": rec["orig_sample_rate"]})
                 stats["files"] += 1
-                stats["items"] += n
+                stats["items"] += n - done.get(s.path, 0)
                 stats["audio_seconds"] += rec["duration_s"]
-            stats["write_seconds"] += time.perf_counter() - ts
+                rec["segments"] = None  # the decoded audio of a finished file can go
+            elapsed = time.perf_counter() - ts
+            stats["stft_seconds"] += specs.seconds
+            stats["write_seconds"] += elapsed - specs.seconds
             bar.update(len(batch))
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(audio_s_per_s=f"{stats['audio_seconds'] / dt:.0f}", skipped=len(stats["skipped"]))
@@ -247,6 +252,45 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
         torch.set_num_threads(threads)
     stats["loop_seconds"] = time.perf_counter() - t0
     return stats
+
+
+def _file_samples(rec: dict, specs: "_lazy_stft", labels: dict, audio_cfg: AudioConfig, *, skip: int = 0):
+    """(key, item) of each segment of one decoded file, in order; the first ``skip`` were written by an earlier,
+    interrupted run (their STFTs are still drawn from ``specs``, which yields every segment in order)."""
+    s: audio.Source = rec["source"]
+    sr = audio_cfg.sample_rate
+    for j, (start, valid) in enumerate(rec["spans"]):
+        spec = next(specs)
+        if j < skip:
+            continue
+        yield f"{s.path}#{j}", {
+            "stft": spec, "label": labels[s.label_name], "label_name": s.label_name, "path": s.path, "segment": j,
+            "offset_s": start / sr, "duration_s": valid / sr, "sample_rate": sr,
+            "orig_sample_rate": rec["orig_sample_rate"]}
+
+
+class _lazy_stft:
+    """The STFTs of ``segs`` in order, computed ``chunk`` segments at a time (batched by shape within a chunk),
+    so at most one chunk of spectrograms exists before the writer has encoded them. Counts its own seconds."""
+
+    def __init__(self, segs: list[np.ndarray], cfg: StftConfig, dev: torch.device, chunk: int):
+        self.segs, self.cfg, self.dev, self.chunk = segs, cfg, dev, max(1, chunk)
+        self.pos, self.ready, self.seconds = 0, [], 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if not self.ready:
+            if self.pos >= len(self.segs):
+                raise StopIteration
+            t = time.perf_counter()
+            part = self.segs[self.pos:self.pos + self.chunk]
+            self.ready = _batched_stft(part, self.cfg, self.dev)[::-1]
+            self.segs[self.pos:self.pos + len(part)] = [None] * len(part)
+            self.pos += len(part)
+            self.seconds += time.perf_counter() - t
+        return self.ready.pop()
 
 
 def _batched_stft(segs: list[np.ndarray], cfg: StftConfig, dev: torch.device) -> list[torch.Tensor]:
@@ -267,12 +311,30 @@ def _batched_stft(segs: list[np.ndarray], cfg: StftConfig, dev: torch.device) ->
     return out
 
 
+def die_with_parent(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: end this worker when its parent dies (Linux: PR_SET_PDEATHSIG).
+
+    A worker blocked on a full pipe to a parent that was killed would otherwise wait forever; torch's own
+    watchdog only runs between tasks.
+    """
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: torch's watchdog still ends idle workers
+    if os.getppid() != parent or parent == 1:  # the parent died before the call: nobody will signal us
+        os._exit(1)
+
+
 def _summary(writers, root, out, stats, resumed_files, elapsed, stft_cfg, dev, shard_index, num_shards,
              num_workers) -> dict:
     splits = {}
     for split, w in writers.items():
         w.commit()  # so that sources() lists this run's files too
-        srcs = w.sources()
+        srcs = {k: v for k, v in w.sources().items() if not v.get("partial")}
         splits[split] = {"database": str(w.path), "items": len(w), "files": len(srcs),
                          "audio_hours": sum(v.get("duration_s", 0.0) for v in srcs.values()) / 3600,
                          "bytes": store.disk_usage(w.path)}  # after the last data commit; closing adds only meta
@@ -316,7 +378,8 @@ def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | o
     root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir)
     sources = audio.discover(root, manifest=manifest)[:limit]
     loader = DataLoader(_Files(root, sources, cfg), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, prefetch_factor=4 if num_workers else None)
+                        collate_fn=_collate, worker_init_fn=die_with_parent,
+                        prefetch_factor=4 if num_workers else None)
     t0 = time.perf_counter()
     secs = sum(rec.get("duration_s", 0.0) for batch in loader for rec in batch)
     dt = time.perf_counter() - t0

@@ -205,7 +205,7 @@ class Writer:
             self._pending_sources: list[tuple[bytes, bytes]] = []
             self._pending_index: list[tuple[bytes, bytes, bytes]] = []
             self._pending_bytes = 0
-            self._in_source = False       # inside append_source: no commit may split the source
+            self._source: tuple | None = None  # inside append_source: (source id, info, indices so far)
             self._sig: tuple | None = None
             self._rtxn = self._h.env.begin()
             self.closed = False
@@ -343,44 +343,79 @@ class Writer:
         for f, v in index_entries:
             self._pending_index.append((f.encode(), v, ik))
         self._pending_bytes += len(data)
-        if not self._in_source and (len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes):
-            self.commit()
+        if self._source is None:
+            if len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes:
+                self.commit()
+        elif self._pending_bytes >= self.commit_bytes:
+            self._source[2].append(i)
+            try:
+                self._commit_inside_source()
+            finally:
+                self._source[2].pop()  # append_source records it
         return i
 
     def append_source(self, source: str, samples: Iterable[tuple[str, dict]], info: dict | None = None) -> list[int]:
-        """Add all samples of one source (e.g. an audio file) and record the source, atomically.
+        """Add all samples of one source (e.g. an audio file) and record the source.
 
-        A commit never splits a source, so after a crash a source is either fully present (and listed in
-        ``sources()``) or absent: resuming redoes exactly the missing ones.
+        A source's samples are committed together unless they outgrow ``commit_bytes`` (a long file): then
+        the writer commits what it has with a partial record of the source, so memory stays bounded by
+        ``commit_bytes``. After a crash a source is fully present (``has_source``), absent, or partial with its
+        first ``source_progress(source)`` samples committed: resuming redoes exactly what is missing.
         """
         self._check_open()
         sb = check_key_bytes(encode_key(source, what="source"), what=f"source {source[:60]!r}")
-        mark = (len(self._pending), len(self._pending_index), self._pending_bytes)
-        self._in_source = True
+        before = self._source_record(source)  # a partial source continues where it stopped
+        self._source = (sb, dict(info or {}), list(before["items"]) if before and before.get("partial") else [])
+        self._source_mark = (len(self._pending), len(self._pending_index), self._pending_bytes,
+                             len(self._pending_sources))
         try:
-            idx = [self.append(s, key=k) for k, s in samples]
+            idx = self._source[2]
+            for k, s in samples:
+                idx.append(self.append(s, key=k))
         except BaseException:
+            mark = self._source_mark  # what was appended since the last commit inside this source is dropped
             for _, kb, _ in self._pending[mark[0]:]:
                 self._pending_keys.discard(kb)
-            del self._pending[mark[0]:], self._pending_index[mark[1]:]
+            del self._pending[mark[0]:], self._pending_index[mark[1]:], self._pending_sources[mark[3]:]
             self._pending_bytes = mark[2]
             raise
         finally:
-            self._in_source = False
-        rec = dict(info or {}, items=idx)
-        self._pending_sources.append((sb, json.dumps(rec).encode()))
+            self._source = None
+        self._pending_sources.append((sb, json.dumps(dict(info or {}, items=idx)).encode()))
         if len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes:
             self.commit()
         return idx
 
-    def has_source(self, source: str) -> bool:
+    def _commit_inside_source(self) -> None:
+        """Commit mid-source (the source outgrew commit_bytes) with a partial record of it."""
+        sb, info, idx = self._source
+        self._pending_sources.append((sb, json.dumps(dict(info, items=idx[:], partial=True)).encode()))
+        self.commit()
+        self._source_mark = (0, 0, 0, 0)
+
+    def _source_record(self, source: str) -> dict | None:
         sb = encode_key(source, what="source")
         if len(sb) > store.MAX_KEY_BYTES:
-            return False
-        return any(s == sb for s, _ in self._pending_sources) or self._rtxn.get(sb, db=self._sources) is not None
+            return None
+        for s, rec in reversed(self._pending_sources):
+            if s == sb:
+                return json.loads(rec)
+        raw = self._rtxn.get(sb, db=self._sources)
+        return None if raw is None else json.loads(bytes(raw))
+
+    def has_source(self, source: str) -> bool:
+        """Whether every sample of ``source`` is written (or buffered)."""
+        rec = self._source_record(source)
+        return rec is not None and not rec.get("partial")
+
+    def source_progress(self, source: str) -> int:
+        """How many samples of ``source`` are written (or buffered): all of them, the committed part of a
+        partial one, or 0."""
+        rec = self._source_record(source)
+        return 0 if rec is None else len(rec.get("items", ()))
 
     def sources(self) -> dict[str, dict]:
-        """Committed sources and what was written for each."""
+        """Committed sources and what was written for each (``partial: true`` for a source cut by a crash)."""
         return {bytes(k).decode(): json.loads(bytes(v)) for k, v in self._rtxn.cursor(db=self._sources)}
 
     def _check_schema(self, sample: dict, sig: tuple, key: str) -> None:

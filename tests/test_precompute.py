@@ -213,3 +213,83 @@ def test_torchrun_two_shards_cover_every_item_once(corpus, tmp_path):
     for split in ("train", "val", "test"):
         shard_keys = sorted(_keys(out, f"{split}-*-of-2.lmdb"))
         assert shard_keys == sorted(_keys(ref, f"{split}.lmdb"))  # same split assignment as one process
+
+
+def test_file_name_that_is_not_utf8_is_skipped_with_its_reason(corpus, tmp_path):
+    src = tmp_path / "audio"
+    shutil.copytree(corpus / "chirp_up", src / "chirp_up")
+    good = len(audio.discover(src))
+    raw = os.fsencode(src / "chirp_up") + b"/caf\xe9.wav"  # latin-1 bytes: not UTF-8
+    shutil.copy(sorted((src / "chirp_up").glob("*.wav"))[0], raw)
+    summary = precompute(src, output_dir=tmp_path / "out", splits={"train": 1.0}, **FAST)
+    assert summary["files_processed"] + len(summary["skipped"]) == good + 1 and summary["files_processed"] >= 3
+    skip = next(s for s in summary["skipped"] if "caf" in s["path"])
+    assert skip["path"] == "chirp_up/caf\ufffd.wav" and "not valid UTF-8" in skip["reason"]
+    assert "caf" in format_summary(summary)
+    with pytest.raises(AudioDecodeError, match="not valid UTF-8"):
+        precompute(src, output_dir=tmp_path / "strict", splits={"train": 1.0}, strict=True, **FAST)
+
+
+def test_decode_workers_exit_when_the_run_is_killed(tmp_path):
+    """Workers whose decoded files (MBs each) fill the pipe to a parent that was killed block forever on
+    the write (they hold the pipe's read end too), unless they die with their parent."""
+    import psutil
+    src = tmp_path / "long" / "tone"
+    src.mkdir(parents=True)
+    t = np.arange(16000 * 30) / 16000
+    for i in range(12):
+        sf.write(src / f"t{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 16000)
+    proc = subprocess.Popen(_cli("--audio-dir", tmp_path / "long", "--output-dir", tmp_path / "o", "--batch-size",
+                                 "1", "--num-workers", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 60
+    workers = []
+    while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = parent.children()
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the run ended before its workers could be seen"
+    time.sleep(1.0)  # the workers decode ahead and fill the pipe
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"decode workers outlived their parent: {alive}"
+
+
+def test_long_file_is_decoded_in_blocks_and_matches_one_shot_decoding(tmp_path):
+    sr_in = 44100
+    t = np.arange(int(sr_in * 25)) / sr_in  # 25 s: three blocks of 10 s
+    x = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 1000 * t)]).astype(np.float32) * 0.5
+    f = tmp_path / "long.wav"
+    sf.write(f, x.T, sr_in, subtype="FLOAT")
+    y, sr = audio.decode_resampled(f, sample_rate=16000, mono="mean")
+    ref = audio.resample(audio.mix(x, "mean"), sr_in, 16000)
+    assert sr == sr_in and y.shape == ref.shape and y.dtype == np.float32
+    assert np.abs(y - ref).max() < 1e-4  # soxr's stream equals its one-shot resampling but for rounding
+    keep, _ = audio.decode_resampled(f, sample_rate=sr_in, mono="keep")
+    assert np.array_equal(keep, x)
+
+
+def test_long_source_commits_in_parts_and_resumes_where_it_stopped(tmp_path):
+    """A source larger than commit_bytes is committed in parts (bounded memory) with a partial record;
+    after a crash mid-source, resuming appends exactly the missing samples."""
+    path = tmp_path / "db.lmdb"
+
+    def samples(start, stop, boom=None):
+        for j in range(start, stop):
+            if j == boom:
+                raise RuntimeError("killed")
+            yield f"long.wav#{j}", {"x": np.full(1024, j, np.float32)}  # 4 KiB each
+
+    w = lmdbkit.Writer(path, commit_bytes=20 * 4096)
+    with pytest.raises(RuntimeError):
+        w.append_source("long.wav", samples(0, 100, boom=50))
+    assert not w.has_source("long.wav") and w.source_progress("long.wav") == 40  # two parts of 20 committed
+    w.abort()
+    with lmdbkit.Reader(path) as r:
+        assert len(r) == 40
+    with lmdbkit.Writer(path, mode="append", commit_bytes=20 * 4096) as w:
+        done = w.source_progress("long.wav")
+        w.append_source("long.wav", samples(done, 100), info={"duration_s": 1.0})
+        assert w.has_source("long.wav") and w.source_progress("long.wav") == 100
+    with lmdbkit.Reader(path) as r:
+        assert [int(s["x"][0]) for s in r] == list(range(100))
