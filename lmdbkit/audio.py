@@ -123,9 +123,8 @@ def check_splits(splits: dict[str, float]) -> dict[str, float]:
 
 # -- decoding ---------------------------------------------------------------------------------------
 
-def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """(float32 samples shaped [channels, frames], sample rate). Raises AudioDecodeError with the reason."""
-    import soundfile as sf
+def _nonempty_file(path: str | os.PathLike) -> Path:
+    """The path, or AudioDecodeError if it cannot be read or is empty."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -133,6 +132,13 @@ def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioDecodeError(f"{p}: cannot read the file ({exc.strerror})") from exc
     if size == 0:
         raise AudioDecodeError(f"{p}: empty file (0 bytes)")
+    return p
+
+
+def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """(float32 samples shaped [channels, frames], sample rate). Raises AudioDecodeError with the reason."""
+    import soundfile as sf
+    p = _nonempty_file(path)
     try:
         with sf.SoundFile(str(p)) as f:
             _check_not_truncated(p, f.extra_info)
@@ -224,13 +230,7 @@ def decode_resampled(path: str | os.PathLike, *, sample_rate: int, mono: str) ->
     Files soundfile cannot read go through ``decode`` (torchaudio, whole file) as before.
     """
     import soundfile as sf
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise AudioDecodeError(f"{p}: cannot read the file ({exc.strerror})") from exc
-    if size == 0:
-        raise AudioDecodeError(f"{p}: empty file (0 bytes)")
+    p = _nonempty_file(path)
     try:
         f = sf.SoundFile(str(p))
     except Exception:
