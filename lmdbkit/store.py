@@ -253,15 +253,26 @@ def read_meta(h: Handle, txn=None) -> dict | None:
     if d is None:
         return None
     own = txn is None
-    txn = txn or h.begin()
     try:
-        raw = txn.get(META_KEY, db=d)
-    finally:
-        if own:
-            txn.abort()
+        txn = txn or h.begin()
+        try:
+            raw = txn.get(META_KEY, db=d)
+            raw = None if raw is None else bytes(raw)
+        finally:
+            if own:
+                txn.abort()
+    except lmdb.Error as exc:
+        raise DamagedDatabaseError(f"{h.path}: LMDB cannot read the format record ({exc}); the database is "
+                                   f"damaged. Run `lmdbkit verify {h.path}` for a report") from exc
     if raw is None:
         return None
-    meta = json.loads(bytes(raw))
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise DamagedDatabaseError(f"{h.path}: the format record is not valid JSON ({exc}); the database is "
+                                   "damaged. Restore it from a good copy") from exc
+    if type(meta) is not dict:
+        raise DamagedDatabaseError(f"{h.path}: the format record is not a JSON object; the database is damaged")
     if meta.get("format") != FORMAT_NAME:
         raise NotADatabaseError(f"{h.path}: its meta record names format {meta.get('format')!r}, not {FORMAT_NAME!r}")
     if meta.get("version") != FORMAT_VERSION:
@@ -272,13 +283,17 @@ def read_meta(h: Handle, txn=None) -> dict | None:
 
 def looks_legacy(h: Handle) -> bool:
     """Whether the main database holds `str(idx)` keys, as older pickle-in-LMDB scripts wrote."""
-    with h.begin() as txn:
-        cur = txn.cursor()
-        for n, k in enumerate(cur.iternext(values=False)):
-            if bytes(k).isdigit():
-                return True
-            if n > 64:
-                break
+    try:
+        with h.begin() as txn:
+            cur = txn.cursor()
+            for n, k in enumerate(cur.iternext(values=False)):
+                if bytes(k).isdigit():
+                    return True
+                if n > 64:
+                    break
+    except lmdb.Error as exc:
+        raise DamagedDatabaseError(f"{h.path}: LMDB cannot read its main table ({exc}); the database is damaged. "
+                                   f"Run `lmdbkit verify {h.path}` for a report") from exc
     return False
 
 
