@@ -100,7 +100,11 @@ def cmd_compact(a) -> int:
                 shutil.copy2(src / store.METADATA_JSON, dest / store.METADATA_JSON)
         except (lmdb.Error, OSError) as exc:
             # never leave a partial copy that looks like a database
-            shutil.rmtree(dest) if created else [q.unlink() for q in dest.iterdir() if q.is_file()]
+            if created:
+                shutil.rmtree(dest)
+            else:
+                for q in dest.iterdir():
+                    q.unlink()
             free = shutil.disk_usage(dest.parent if created else dest).free
             if free < store.disk_usage(src) or isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full at {dest}: the compacted copy did not fit ({exc}); the partial copy "

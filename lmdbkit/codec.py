@@ -55,6 +55,7 @@ _CODE = {name: code for code, name in enumerate(DTYPES, start=1)}
 _NAME = {code: name for name, code in _CODE.items()}
 _STORAGE = {name: np.dtype("<u2" if name == "bfloat16" else name).newbyteorder("<") for name in DTYPES}
 _STORAGE["bool"] = np.dtype(bool)
+_ITEMSIZE = {name: dt.itemsize for name, dt in _STORAGE.items()}
 _LITTLE = sys.byteorder == "little"
 if _LITTLE:
     _STORAGE = {k: v.newbyteorder("=") for k, v in _STORAGE.items()}
@@ -209,8 +210,6 @@ def encode_with_schema(sample: dict, key: str | None = None, *,
     for field, value in sample.items():
         if type(field) is not str:
             raise EncodeError(f"field names must be str, got {field!r}")
-        if field.encode("utf-8", "surrogatepass") != field.encode("utf-8", "replace"):
-            raise EncodeError(f"field name {field!r} is not valid Unicode text (lone surrogates)")
         desc = store(value, field)
         if desc is None:
             fields[field] = _pre(value, field, default)
@@ -265,9 +264,7 @@ def _pre(value: Any, field: str, default: Callable, depth: int = 0) -> Any:
         return out
     if isinstance(value, (list, tuple)):
         return [_pre(v, f"{field}[{i}]", default, depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
+    if isinstance(value, int):  # an int subclass (IntEnum): stored as the int
         return _pre(int(value), field, default, depth)
     if isinstance(value, (float, str, bytes)):
         return value
@@ -326,13 +323,10 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
     payload = len(buf) - start
     checked = []
     for desc in arrays:
-        try:
-            name, kind, dcode, ccode, off, n, shape = desc
-        except (ValueError, TypeError):
-            raise _corrupt(f"malformed array descriptor {desc!r}"[:200]) from None
-        if type(name) is not str or type(shape) is not list or name not in fields:
+        if type(desc) is not list or len(desc) != 7:
             raise _corrupt(f"malformed array descriptor {desc!r}"[:200])
-        checked.append((name, *check_array(kind, dcode, ccode, off, n, shape, payload)))
+        field, kind, dcode, ccode, off, n, shape = desc
+        checked.append(check_array(field, kind, dcode, ccode, off, n, shape, payload))
     return start, stored, key, fields, checked
 
 
@@ -340,10 +334,32 @@ MAX_NDIM = 32
 MAX_ARRAY_BYTES = 1 << 48  # 256 TiB: far above any item, far below what makes numpy's size arithmetic overflow
 
 
-def check_array(kind, dcode, ccode, off, n, shape, payload: int) -> tuple:
-    """(kind, dtype name, compression, offset, length, shape tuple, decoded bytes) of one stored array, after
-    checking every number against the payload's length: CorruptItemError before anything is allocated."""
-    if type(kind) is not int or kind not in (0, 1, 2) or type(dcode) is not int or dcode not in _NAME:
+def check_array(field, kind, dcode, ccode, off, n, shape, payload: int) -> tuple:
+    """(field, kind, dtype name, compression, offset, length, shape tuple, decoded bytes) of one stored array,
+    after checking every number against the payload's length: CorruptItemError before anything is allocated."""
+    # the common case, an uncompressed array of a known dtype within the payload, in as few steps as possible
+    if (type(dcode) is int and type(kind) is int and type(off) is int and type(n) is int and ccode == 0
+            and type(field) is str and type(shape) is list and 0 <= kind <= 2 and 0 <= off and 0 < n
+            and off + n <= payload and len(shape) <= MAX_NDIM):
+        name = _NAME.get(dcode)
+        if name is not None:
+            size = _ITEMSIZE[name]
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    break
+                size *= d
+            else:
+                if size == n:
+                    return field, kind, name, 0, off, n, tuple(shape), n
+    return _check_array_slowly(field, kind, dcode, ccode, off, n, shape, payload)
+
+
+def _check_array_slowly(field, kind, dcode, ccode, off, n, shape, payload: int) -> tuple:
+    """check_array for compressed and empty arrays, and the precise error for anything malformed."""
+    if type(field) is not str or type(shape) is not list:
+        raise _corrupt(f"malformed array descriptor for field {field!r}"[:200])
+    name = _NAME.get(dcode) if type(dcode) is int else None
+    if name is None or type(kind) is not int or not 0 <= kind <= 2:
         raise _corrupt(f"unknown dtype code {dcode!r} or kind {kind!r}"[:200])
     if type(ccode) is not int or (ccode and ccode not in _DECOMPRESS):
         raise _corrupt(f"unknown compression code {ccode!r}"[:200])
@@ -351,20 +367,18 @@ def check_array(kind, dcode, ccode, off, n, shape, payload: int) -> tuple:
         raise _corrupt(f"array of {n!r} bytes at offset {off!r} runs past the {payload}-byte payload"[:200])
     if len(shape) > MAX_NDIM:
         raise _corrupt(f"array of {len(shape)} dimensions (at most {MAX_NDIM} are written)")
-    name = _NAME[dcode]
-    bound = _STORAGE[name].itemsize
-    size = 1
+    size = bound = 1
     for d in shape:
         if type(d) is not int or d < 0:
             raise _corrupt(f"bad array shape {shape!r}"[:200])
         size *= d
-        bound *= max(d, 1)
-        if bound > MAX_ARRAY_BYTES:
-            raise _corrupt(f"array shape {shape!r} is impossibly large"[:200])
-    nbytes = size * _STORAGE[name].itemsize
+        bound *= d or 1  # numpy multiplies every dimension, even beside a zero
+    if bound * _ITEMSIZE[name] > MAX_ARRAY_BYTES:
+        raise _corrupt(f"array shape {shape!r} is impossibly large"[:200])
+    nbytes = size * _ITEMSIZE[name]
     if not ccode and n != nbytes:
         raise _corrupt(f"array of shape {tuple(shape)} {name} needs {nbytes} bytes, found {n}")
-    return kind, name, ccode, off, n, tuple(shape), nbytes
+    return field, kind, name, ccode, off, n, tuple(shape), nbytes
 
 
 def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
@@ -435,7 +449,7 @@ def _ext_array(ext, ctx: _Ctx):
     if ndim >= len(_SHAPES) or len(data) != _ARRAY.size + 8 * ndim:
         raise _corrupt(f"array descriptor of {len(data)} bytes does not fit ndim={ndim}")
     shape = list(_SHAPES[ndim].unpack_from(data, _ARRAY.size))
-    checked = check_array(kind, dcode, ccode, off, n, shape, len(ctx.buf) - ctx.start)
+    _, *checked = check_array("", kind, dcode, ccode, off, n, shape, len(ctx.buf) - ctx.start)
     return _array(ctx.buf, ctx.start, ctx.stored, True, *checked, ctx.decode_to, ctx.torch)
 
 

@@ -6,6 +6,7 @@ import os
 import random
 from typing import Any, Callable, Iterable, Sequence
 
+import lmdb
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from . import codec, store
-from .errors import LmdbkitError
+from .errors import DamagedDatabaseError, LmdbkitError
 from .reader import MultiReader, Reader
 
 
@@ -69,7 +70,11 @@ class LMDBDataset(Dataset):
         batches whose items differ in shape fall back to a list of samples.
         """
         if self.prebatch:
-            batch = self._prebatched(indices)
+            try:
+                batch = self._prebatched(indices)
+            except lmdb.Error as exc:
+                raise DamagedDatabaseError(f"{self.source.path}: LMDB reports damage reading a batch: {exc}. Run "
+                                           "`lmdbkit verify PATH` for a report") from exc
             if batch is not None:
                 return batch
         return [self._out(s) for s in self.source.read_many(indices)]

@@ -152,9 +152,15 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     if limit is not None:
         sources = sources[:limit]
     # a file whose name is not UTF-8 cannot be a key: skipped with its reason, like any bad file
-    bad_names = [{"path": s.path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "reason": why}
-                 for s in sources if (why := audio.utf8_name_problem(s.path))]
-    sources = [s for s in sources if audio.utf8_name_problem(s.path) is None]
+    bad_names, good = [], []
+    for s in sources:
+        why = audio.utf8_name_problem(s.path)
+        if why is None:
+            good.append(s)
+        else:
+            bad_names.append({"path": s.path.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                              "reason": why})
+    sources = good
     if not sources and not bad_names:
         raise LmdbkitError(f"no audio files under {root} (looked for {', '.join(audio.AUDIO_EXTENSIONS)}); "
                            "check audio_dir, or give a manifest")

@@ -203,8 +203,7 @@ def _errno_of(exc: Exception) -> int | None:
     if isinstance(code, int):
         return code
     text = str(exc)
-    for code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOMEM, errno.EDQUOT, errno.EFBIG,
-                 errno.EIO):
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
         if os.strerror(code) in text:
             return code
     return None
@@ -315,12 +314,8 @@ def check_data_file(path: str | os.PathLike) -> None:
         raise open_error(path, exc, writable=False, locked=False) from exc
     if size == 0:
         return  # created but never committed (LMDB writes its meta pages on open)
-    metas = []
     psize = _meta_page_size(head)
-    for off in (0, psize or 0):
-        m = _read_meta_page(head, off) if psize else None
-        if m is not None:
-            metas.append(m)
+    metas = [m for off in (0, psize) if (m := _read_meta_page(head, off)) is not None] if psize else []
     if not metas:
         raise TruncatedDatabaseError(
             f"{f} is {size} bytes and holds no valid LMDB meta page: the file is incomplete or is not an LMDB "

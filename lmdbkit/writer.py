@@ -49,15 +49,13 @@ def _field_names(fields: Iterable[str] | str) -> tuple[str, ...]:
     for f in out:
         if not isinstance(f, str) or not f:
             raise LmdbkitError(f"index_fields={out!r}: every field name is a non-empty string, got {f!r}")
-        check_key_bytes(store.index_db_name(f), what=f"index field name {f!r}", limit=MAX_NAME_BYTES)
+        check_key_bytes(store.index_db_name(f), what=f"index field name {f!r}")
     return out
 
 
-MAX_NAME_BYTES = 200
-
-
-def check_key_bytes(b: bytes, *, what: str, limit: int = store.MAX_KEY_BYTES) -> bytes:
+def check_key_bytes(b: bytes, *, what: str) -> bytes:
     """``b``, or KeyTooLongError naming what it is, its length and the limit (before anything is queued)."""
+    limit = store.MAX_KEY_BYTES
     if len(b) > limit:
         shown = b[:60].decode(errors="replace")
         raise KeyTooLongError(f"{what} is {len(b)} bytes in UTF-8 ({shown!r}...); LMDB keys hold at most {limit} "
@@ -205,7 +203,7 @@ class Writer:
             self._pending_sources: list[tuple[bytes, bytes]] = []
             self._pending_index: list[tuple[bytes, bytes, bytes]] = []
             self._pending_bytes = 0
-            self._source: tuple | None = None  # inside append_source: (source id, info, indices so far)
+            self._in_source = False       # inside append_source: append_source decides when to commit
             self._sig: tuple | None = None
             self._rtxn = self._h.env.begin()
             self.closed = False
@@ -214,8 +212,7 @@ class Writer:
             self.closed = True
             store.release(self._h)
             self._lock.release()
-            if mode != "append" or created:
-                self._undo_create(created)
+            self._undo_create(created)
             raise
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -343,15 +340,8 @@ class Writer:
         for f, v in index_entries:
             self._pending_index.append((f.encode(), v, ik))
         self._pending_bytes += len(data)
-        if self._source is None:
-            if len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes:
-                self.commit()
-        elif self._pending_bytes >= self.commit_bytes:
-            self._source[2].append(i)
-            try:
-                self._commit_inside_source()
-            finally:
-                self._source[2].pop()  # append_source records it
+        if not self._in_source and (len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes):
+            self.commit()
         return i
 
     def append_source(self, source: str, samples: Iterable[tuple[str, dict]], info: dict | None = None) -> list[int]:
@@ -364,34 +354,36 @@ class Writer:
         """
         self._check_open()
         sb = check_key_bytes(encode_key(source, what="source"), what=f"source {source[:60]!r}")
+        info = dict(info or {})
         before = self._source_record(source)  # a partial source continues where it stopped
-        self._source = (sb, dict(info or {}), list(before["items"]) if before and before.get("partial") else [])
-        self._source_mark = (len(self._pending), len(self._pending_index), self._pending_bytes,
-                             len(self._pending_sources))
+        idx = list(before["items"]) if before and before.get("partial") else []
+        mark = self._mark()
+        self._in_source = True
         try:
-            idx = self._source[2]
             for k, s in samples:
                 idx.append(self.append(s, key=k))
+                if self._pending_bytes >= self.commit_bytes:  # a long source: commit its part so far
+                    self._pending_sources.append((sb, json.dumps(dict(info, items=idx, partial=True)).encode()))
+                    self.commit()
+                    mark = self._mark()
         except BaseException:
-            mark = self._source_mark  # what was appended since the last commit inside this source is dropped
-            for _, kb, _ in self._pending[mark[0]:]:
-                self._pending_keys.discard(kb)
-            del self._pending[mark[0]:], self._pending_index[mark[1]:], self._pending_sources[mark[3]:]
-            self._pending_bytes = mark[2]
+            self._rollback(mark)  # what this source appended since its last commit
             raise
         finally:
-            self._source = None
-        self._pending_sources.append((sb, json.dumps(dict(info or {}, items=idx)).encode()))
+            self._in_source = False
+        self._pending_sources.append((sb, json.dumps(dict(info, items=idx)).encode()))
         if len(self._pending) >= self.commit_items or self._pending_bytes >= self.commit_bytes:
             self.commit()
         return idx
 
-    def _commit_inside_source(self) -> None:
-        """Commit mid-source (the source outgrew commit_bytes) with a partial record of it."""
-        sb, info, idx = self._source
-        self._pending_sources.append((sb, json.dumps(dict(info, items=idx[:], partial=True)).encode()))
-        self.commit()
-        self._source_mark = (0, 0, 0, 0)
+    def _mark(self) -> tuple[int, int, int, int]:
+        return len(self._pending), len(self._pending_index), self._pending_bytes, len(self._pending_sources)
+
+    def _rollback(self, mark: tuple[int, int, int, int]) -> None:
+        for _, kb, _ in self._pending[mark[0]:]:
+            self._pending_keys.discard(kb)
+        del self._pending[mark[0]:], self._pending_index[mark[1]:], self._pending_sources[mark[3]:]
+        self._pending_bytes = mark[2]
 
     def _source_record(self, source: str) -> dict | None:
         sb = encode_key(source, what="source")
@@ -499,7 +491,6 @@ class Writer:
             bar.update(len(entries))
             flush()
         bar.close()
-        flush()
         self._index[field] = d
         self.index_fields = (*self.index_fields, field)
         self.meta["index_fields"] = list(self.index_fields)
