@@ -311,27 +311,6 @@ def drop_page_cache(path: Path) -> bool:
     return True
 
 
-def bench_cold(kind: str, paths: dict[str, Path], *, reads: int = 300) -> list[Result]:
-    """Random reads right after dropping the files from the page cache: each method opens fresh."""
-    rng = np.random.default_rng(7)
-    res = []
-    for method, make in (("lmdbkit", lambda: Reader(paths["lmdbkit"], decode_to="torch")),
-                         ("pickle_lmdb", lambda: PickleLmdb(paths["pickle_lmdb"]))):
-        probe = make()
-        n = len(probe)
-        probe.close()
-        ok = drop_page_cache(paths[method])
-        r = make()
-        order = rng.integers(0, n, min(reads, n)).tolist()
-        t0 = time.perf_counter()
-        for i in order:
-            r[i]
-        dt = time.perf_counter() - t0
-        r.close()
-        res.append(Result("read_cold", kind, method, len(order) / dt, "items/s", {"fadvise_dontneed": ok}))
-    return res
-
-
 def benchmark_lmdb_performance(db_path: str | os.PathLike, num_samples: int = 1000, *, seed: int = 0) -> dict:
     """Average random and sequential access time of a database, in ms per sample, and samples per second."""
     r = Reader(db_path)
@@ -469,7 +448,7 @@ def ratios(results: list[Result]) -> dict[str, float]:
         return v.get((measure, kind, method, nw))
     out = {}
     for kind in ITEM_KINDS:
-        for order in ("random", "sequential", "cold"):
+        for order in ("random", "sequential"):
             m = f"read_{order}"
             lk = get(m, kind, "lmdbkit")
             for base in ("pickle_lmdb", "bare_txn_get", "memcpy", "pt_batches"):
@@ -496,6 +475,8 @@ def ratios(results: list[Result]) -> dict[str, float]:
         for n, ms in opens:
             if n in pt:
                 out[f"open/{n}: pt_batches / lmdbkit"] = pt[n] / ms
+    from . import bench_cold
+    out.update(bench_cold.ratios(results))
     return out
 
 
@@ -518,9 +499,10 @@ TARGETS = [
 
 def targets(results: list[Result]) -> list[dict]:
     """Each target of the benchmark issue, with the measured value and whether it holds."""
+    from . import bench_cold
     r = ratios(results)
     out = []
-    for name, key, op, thr in TARGETS:
+    for name, key, op, thr in TARGETS + bench_cold.TARGETS:
         val = r.get(key)
         holds = None if val is None else (val >= thr if op == ">=" else val <= thr)
         out.append({"target": name, "ratio": key, "value": val, "threshold": f"{op} {thr}", "holds": holds})
@@ -551,15 +533,19 @@ def targets_table(tg: list[dict]) -> str:
 
 def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 20000,
         open_counts=(1000, 10_000, 100_000), reads: int = 2000, min_seconds: float = 0.3, with_pt: bool = True,
-        workers=(0, 1, 2, 4), cold: bool = True, plots: bool = True, progress: bool = True) -> dict:
-    """The whole suite on generated items; writes summary.json (and PNG plots) into output_dir, returns it."""
+        workers=(0, 1, 2, 4), cold: bool = True, cold_gb: float = 0.25, cold_reads: int = 512, cold_rounds: int = 1,
+        plots: bool = True, progress: bool = True) -> dict:
+    """The whole suite on generated items; writes summary.json (and PNG plots) into output_dir, returns it.
+
+    cold: also read a ``cold_gb`` GB database with the page cache dropped (``bench_cold``), ``cold_reads``
+    items per single/batch timing, the median of ``cold_rounds`` rounds."""
     from tqdm.auto import tqdm
     out = Path(output_dir)
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     steps = [(kind, n) for kind, n in (("stft256k", n_stft), ("small1k", n_small)) if n]
-    bar = tqdm(total=len(steps) * 3 + 1, desc="benchmark", disable=not progress)
+    bar = tqdm(total=len(steps) * 2 + 1 + cold, desc="benchmark", disable=not progress)
     try:
         for kind, n in steps:
             bar.set_postfix_str(f"{kind}: write + read")
@@ -569,9 +555,10 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
             if workers:
                 results += bench_dataloader(kind, bench_paths(kind, work), workers=tuple(workers))
             bar.update()
-            if cold:
-                bar.set_postfix_str(f"{kind}: cold reads")
-                results += bench_cold(kind, bench_paths(kind, work))
+        if cold:
+            from .bench_cold import bench_cold
+            bar.set_postfix_str(f"cold reads ({cold_gb:g} GB)")
+            results += bench_cold(work / "cold", gb=cold_gb, reads=cold_reads, rounds=cold_rounds, with_pt=with_pt)
             bar.update()
         bar.set_postfix_str("open")
         results += bench_open(list(open_counts), work, with_pt=with_pt)
@@ -609,12 +596,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="also time open for 1M items")
     ap.add_argument("--no-pt", action="store_true", help="skip the per-batch .pt baseline")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache reads")
+    ap.add_argument("--cold-gb", type=float, default=0.25,
+                    help="size of each copy of the cold-read database in GB (default 0.25; use more than RAM "
+                         "holds free to see the disk, e.g. 3 or more)")
+    ap.add_argument("--cold-rounds", type=int, default=1, help="cold-read rounds (the median is reported)")
     ap.add_argument("--db", help="also time random and sequential reads of this existing database")
     a = ap.parse_args(argv)
     counts = (1000, 10_000, 100_000, 1_000_000) if a.full else (1000, 10_000, 100_000)
     workers = tuple(int(w) for w in a.workers.split(",") if w.strip())
     s = run(a.output_dir, n_stft=a.n_stft, n_small=a.n_small, open_counts=counts, with_pt=not a.no_pt,
-            workers=workers, cold=not a.no_cold)
+            workers=workers, cold=not a.no_cold, cold_gb=a.cold_gb, cold_rounds=a.cold_rounds)
     if a.db:
         s["database"] = benchmark_lmdb_performance(a.db)
         Path(a.output_dir, "summary.json").write_text(json.dumps(s, indent=2))

@@ -83,8 +83,7 @@ class LMDBDataset(Dataset):
         from contextlib import ExitStack
         located = [self.source.locate(i) for i in indices]
         with ExitStack() as stack:
-            txns = {id(r): stack.enter_context(r._txn()) for r, _ in located}
-            bufs = [r._raw(txns[id(r)], j) for r, j in located]
+            bufs = self._raw_bufs(located, stack)
             if any(b is None for b in bufs):
                 return None
             try:
@@ -114,6 +113,21 @@ class LMDBDataset(Dataset):
                 metas.append({k: v for k, v in fields.items() if k not in outs})
         rest = _collate_rest(metas, set()) if metas[0] else {}
         return Batch({k: outs[k] if k in outs else rest[k] for k in order})
+
+    @staticmethod
+    def _raw_bufs(located: list[tuple[Reader, int]], stack) -> list:
+        """The stored bytes of each (reader, index), one transaction per reader (kept open by ``stack``),
+        each reader's reads requested together."""
+        groups: dict[int, list[int]] = {}
+        for pos, (r, _) in enumerate(located):
+            groups.setdefault(id(r), []).append(pos)
+        bufs: list = [None] * len(located)
+        for positions in groups.values():
+            r = located[positions[0]][0]
+            txn = stack.enter_context(r._txn())
+            for pos, buf in zip(positions, r._raw_many(txn, [located[p][1] for p in positions])):
+                bufs[pos] = buf
+        return bufs
 
     def get(self, key: str) -> Any:
         """The item written under ``key`` (searched in every database)."""

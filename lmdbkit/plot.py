@@ -143,12 +143,39 @@ def bench_dataloader(summary: dict):
     return fig
 
 
+def bench_cold(summary: dict):
+    """MiB/s of each way of reading ~256 KiB items, cold (page cache dropped) beside warm, lmdbkit against the
+    disk's limits for the same bytes and the older ways; None when the cold section did not run."""
+    plt = _plt()
+    res = [r for r in summary["results"] if r["measure"].split("_")[0] in ("cold", "warm")]
+    if not res:
+        return None
+    methods = ["lmdbkit", "pread_1thread", "pread_16threads", "pickle_lmdb", "pt_batches"]
+    modes = [("single", "one item at a time"), ("batch64", "batches of 64"), ("dataloader", "DataLoader, 2 workers")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, temp in zip(axes, ("cold", "warm")):
+        v = {(r["measure"], r["method"]): r["extra"]["MiB/s"] for r in res if r["measure"].startswith(temp)}
+        width = 0.8 / len(methods)
+        for k, m in enumerate(methods):
+            ys = [v.get((f"{temp}_{mode}", m), 0.0) for mode, _ in modes]
+            ax.bar([x + k * width for x in range(len(modes))], ys, width, label=m, color=f"C{k}")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(modes))], [label for _, label in modes], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"{temp} page cache" + (" (dropped before each method)" if temp == "cold" else ""))
+    axes[0].set_ylabel("MiB/s (~256 KiB items, random)")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
 def save_bench_figures(summary: dict, output_dir) -> list[str]:
     """Write the benchmark's figures as PNG files; returns their paths."""
     out = []
     for name, fn in (("bench_reads.png", bench_reads), ("bench_open.png", bench_open),
-                     ("bench_dataloader.png", bench_dataloader)):
+                     ("bench_dataloader.png", bench_dataloader), ("bench_cold.png", bench_cold)):
         fig = fn(summary)
+        if fig is None:
+            continue
         path = Path(output_dir) / name
         fig.savefig(path, dpi=100, bbox_inches="tight")
         _plt().close(fig)

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 
 import lmdb
 
-from . import codec, store
+from . import codec, heap, store
 from .errors import (CorruptItemError, DamagedDatabaseError, IndexNotFoundError, LmdbkitError, NotADatabaseError,
                      UnsafeFormatError)
 from .writer import index_value
@@ -92,9 +92,11 @@ class Reader:
         if h is not None and self._pid == os.getpid():
             return h
         self._h = None
+        heap.keep_freed_memory()
         self._h = store.acquire(self.path, lock=self._locked, max_readers=self.max_readers)
         self._pid = os.getpid()
         self._items = None if self.__dict__.get("legacy") else self._h.db(store.ITEMS)
+        self._fetch = self._h.prefetcher
         return self._h
 
     def _reopen(self) -> None:
@@ -121,7 +123,7 @@ class Reader:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_h=None, _pid=-1, _items=None)
+        state.update(_h=None, _pid=-1, _items=None, _fetch=None)
         return state
 
     def __enter__(self) -> "Reader":
@@ -198,9 +200,16 @@ class Reader:
             raise exc.at(self.path, where) from exc
 
     def _raw(self, txn, i: int):
+        """Item ``i``'s stored bytes (a view into the map, valid while ``txn`` lasts), or None."""
         if self.legacy:
             return txn.get(str(i).encode())
-        return txn.get(store.pack_index(i), db=self._items)
+        return self._fetch.get(txn, self._items, store.pack_index(i))
+
+    def _raw_many(self, txn, indices: list[int]) -> list:
+        """The stored bytes of several items, their disk reads in flight together (see ``prefetch``)."""
+        if self.legacy:
+            return [txn.get(str(i).encode()) for i in indices]
+        return self._fetch.get_many(txn, self._items, [store.pack_index(i) for i in indices])
 
     def __getitem__(self, i: int) -> dict:
         j = self._norm(i)
@@ -215,7 +224,7 @@ class Reader:
         """Several items by index, in one read transaction."""
         idx = [self._norm(i) for i in indices]
         with self._txn() as txn:
-            return [self._decode(self._raw(txn, j), j)[1] for j in idx]
+            return [self._decode(buf, j)[1] for buf, j in zip(self._raw_many(txn, idx), idx)]
 
     def _damaged(self, exc: Exception, where: object = None) -> LmdbkitError:
         """LMDB's own report of a damaged page, as an LmdbkitError naming the database (and item)."""
@@ -262,17 +271,13 @@ class Reader:
         """The items for several keys, in one transaction; None where a key is missing."""
         if self.legacy:
             return [self.get(k, None) for k in keys]
-        out: list[dict | None] = []
+        keys = list(keys)
         with self._txn() as txn:
             kdb = self._keys_db()
-            for k in keys:
-                raw = txn.get(k.encode(), db=kdb)
-                if raw is None:
-                    out.append(None)
-                    continue
-                j = store.unpack_index(raw)
-                out.append(self._decode(self._raw(txn, j), k)[1])
-        return out
+            found = [(k, txn.get(k.encode(), db=kdb)) for k in keys]
+            hits = [(k, store.unpack_index(raw)) for k, raw in found if raw is not None]
+            bufs = iter(self._raw_many(txn, [j for _, j in hits]))
+            return [None if raw is None else self._decode(next(bufs), k)[1] for k, raw in found]
 
     @_lmdb_errors
     def keys(self) -> list[str]:
@@ -285,7 +290,8 @@ class Reader:
         return [k for _, k in pairs]
 
     def items(self) -> Iterator[tuple[str | None, dict]]:
-        """(key, sample) pairs in index order, through a cursor, a chunk of items per read transaction.
+        """(key, sample) pairs in index order, a chunk of items per read transaction (their reads requested
+        together, see ``prefetch``).
 
         No transaction stays open while the caller holds the generator, so a writer in this process may grow
         the map (which ends every transaction of the environment) between two items.
@@ -294,27 +300,15 @@ class Reader:
             for i in range(len(self)):
                 yield str(i), self[i]
             return
-        n, start = len(self), 0
-        while start < n:
+        n = len(self)
+        for start in range(0, n, ITER_CHUNK):
+            idx = list(range(start, min(n, start + ITER_CHUNK)))
             try:
                 with self._txn() as txn:
-                    cur = txn.cursor(db=self._items)
-                    ok = cur.set_range(store.pack_index(start))
-                    chunk = []
-                    while ok and len(chunk) < ITER_CHUNK:
-                        kb, buf = cur.item()
-                        j = store.unpack_index(kb)
-                        if j >= n:
-                            ok = False
-                            break
-                        chunk.append(self._decode(buf, j))
-                        ok = cur.next()
+                    chunk = [self._decode(buf, j) for buf, j in zip(self._raw_many(txn, idx), idx)]
             except lmdb.Error as exc:
                 raise self._damaged(exc, start) from exc
             yield from chunk
-            if not ok:
-                return
-            start = j + 1
 
     def __iter__(self) -> Iterator[dict]:
         for _, sample in self.items():

@@ -25,6 +25,7 @@ import lmdb
 
 from .errors import (DamagedDatabaseError, DatabaseBusyError, DatabaseNotFoundError, DiskFullError,
                      FormatVersionError, LmdbkitError, NotADatabaseError, ReadOnlyError, TruncatedDatabaseError)
+from .prefetch import Prefetcher
 
 FORMAT_NAME = "lmdbkit"
 FORMAT_VERSION = 1
@@ -70,6 +71,15 @@ class Handle:
     pid: int = field(default_factory=os.getpid)
     users: int = 0
     dbs: dict = field(default_factory=dict)
+    _prefetcher: Prefetcher | None = None
+
+    @property
+    def prefetcher(self) -> Prefetcher:
+        """This environment's reads of large values (see ``prefetch``), made on first use."""
+        p = self._prefetcher
+        if p is None:
+            p = self._prefetcher = Prefetcher(self.begin, self.env.stat()["psize"])
+        return p
 
     def db(self, name: bytes, *, create: bool = False, **flags):
         """A sub-database handle, or None if it does not exist and create is False.

@@ -5,12 +5,12 @@ import pickle
 
 import pytest
 
-from lmdbkit import bench
+from lmdbkit import bench, bench_cold
 
 
 def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
     s = bench.run(tmp_path, n_stft=8, n_small=40, open_counts=(10, 50), reads=10, min_seconds=0.0,
-                  workers=(0, 2), cold=True, progress=False)
+                  workers=(0, 2), cold=True, cold_gb=0.01, cold_reads=64, progress=False)
     got = {(r["measure"], r["kind"], r["method"]) for r in s["results"]}
     for kind in ("stft256k", "small1k"):
         for m in ("lmdbkit", "pickle_lmdb", "raw_put", "pt_batches"):
@@ -18,13 +18,24 @@ def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
         for m in ("lmdbkit", "pickle_lmdb", "bare_txn_get", "memcpy", "pt_batches"):
             assert ("read_random", kind, m) in got and ("read_sequential", kind, m) in got
         for m in ("lmdbkit", "pickle_lmdb"):
-            assert ("dataloader", kind, m) in got and ("read_cold", kind, m) in got and ("worker_uss", kind, m) in got
+            assert ("dataloader", kind, m) in got and ("worker_uss", kind, m) in got
+    for temp in ("cold", "warm"):  # the cold section: the same items read every way, after a drop and warm
+        for m in ("lmdbkit", "pread_1thread", "pickle_lmdb", "pt_batches"):
+            assert (f"{temp}_single", "stft256k", m) in got
+        for m in ("lmdbkit", "pread_16threads", "pread_1thread", "pickle_lmdb", "pt_batches"):
+            assert (f"{temp}_batch64", "stft256k", m) in got
+        for m in ("lmdbkit", "pread_16threads", "pickle_lmdb"):
+            assert (f"{temp}_dataloader", "stft256k", m) in got
+    cold = [r for r in s["results"] if r["measure"].startswith("cold_")]
+    assert all(r["extra"]["fadvise_dontneed"] and r["extra"]["MiB/s"] > 0 for r in cold)
     assert {("open", "10", "lmdbkit"), ("open", "50", "pt_batches")} <= got
     assert all(r["value"] > 0 for r in s["results"])
     workers = {r["extra"]["num_workers"] for r in s["results"] if r["measure"] == "dataloader"}
     assert workers == {0, 2}
     assert "read_random/stft256k: lmdbkit / memcpy" in s["ratios"] and "open: lmdbkit slowest / fastest, 1k-100k items" in s["ratios"]
-    assert len(s["targets"]) == len(bench.TARGETS) + 1 and all(t["holds"] is not None for t in s["targets"])
+    assert len(s["targets"]) == len(bench.TARGETS) + len(bench_cold.TARGETS) + 1
+    assert all(t["holds"] is not None for t in s["targets"])
+    assert "cold_dataloader/stft256k: lmdbkit / pread_16threads" in s["ratios"]
     for f in s["figures"]:
         with open(f, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
