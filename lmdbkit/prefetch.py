@@ -22,12 +22,14 @@ another LMDB page layout, a damaged page) costs speed, never correctness.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from time import perf_counter_ns
 
 import lmdb
@@ -75,6 +77,69 @@ def _pool() -> ThreadPoolExecutor:
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
+class Leaves:
+    """Where the leaf pages of the items table are, in a map that never moves (a finished database read
+    without a lock): learned from the lookups that went to the disk. Knowing a key's leaf, the whole range
+    of a value (first page included) is asked for before LMDB's lookup reads its first page: one disk
+    request for a cold value instead of two in a row.
+    """
+
+    def __init__(self):
+        self._pages: list[tuple[bytes, bytes, int]] = []  # (first key, last key, page address), sorted
+
+    def learn(self, page: int) -> None:
+        """Remember the leaf page at this address (its first and last keys)."""
+        n = _keys_in_leaf(page)
+        if not n:
+            return
+        first, last = _leaf_node(page, 0), _leaf_node(page, n - 1)
+        if first is not None and last is not None and (first[0], last[0], page) not in self._pages:
+            bisect.insort(self._pages, (first[0], last[0], page))
+
+    def span(self, key: bytes) -> tuple[int, int] | None:
+        """(address, length) of the overflow pages of the value under ``key``, if its leaf is known."""
+        i = bisect.bisect_right(self._pages, key, key=itemgetter(0)) - 1
+        if i < 0 or len(key) != KEY_SIZE:
+            return None
+        first, last, page = self._pages[i]
+        if not first <= key <= last:
+            return None
+        # the items table's keys are consecutive integers, so a key's node is at its distance from the first
+        node = _leaf_node(page, int.from_bytes(key, "big") - int.from_bytes(first, "big"))
+        if node is None or node[0] != key or node[1] is None:
+            return None
+        _, first_page, size = node
+        leaf = PAGE_HEADER.unpack(ctypes.string_at(page, PAGE_HEADER.size))[0]
+        return page + (first_page - leaf) * OS_PAGE, PAGE_HEADER_SIZE + size
+
+
+KEY_SIZE = 8  # the items table's keys: 8-byte big-endian indices
+LEAF_HEADER = struct.Struct("=QHHHH")  # MDB_page of a leaf: page number, pad, flags, lower, upper
+NODE = struct.Struct("=HHHH8sQ")      # a node with an 8-byte key and a big value: sizes, flags, key, page
+
+
+def _keys_in_leaf(page: int) -> int:
+    """How many nodes the leaf page at this address holds (0 if it does not look like a leaf)."""
+    _, _, flags, lower, upper = LEAF_HEADER.unpack(ctypes.string_at(page, LEAF_HEADER.size))
+    if not flags & P_LEAF or not PAGE_HEADER_SIZE <= lower <= upper <= OS_PAGE:
+        return 0
+    return (lower - PAGE_HEADER_SIZE) // 2
+
+
+def _leaf_node(page: int, j: int) -> tuple[bytes, int | None, int] | None:
+    """(key, first overflow page or None for a small value, value length) of node j of a leaf page whose keys
+    are KEY_SIZE bytes; None if there is no such node. Reads only bytes inside the page."""
+    if not 0 <= j < _keys_in_leaf(page):
+        return None
+    ptr = struct.unpack("=H", ctypes.string_at(page + PAGE_HEADER_SIZE + 2 * j, 2))[0]
+    if not PAGE_HEADER_SIZE <= ptr <= OS_PAGE - NODE.size:
+        return None
+    lo, hi, flags, ksize, key, pgno = NODE.unpack(ctypes.string_at(page + ptr, NODE.size))
+    if ksize != KEY_SIZE:
+        return None
+    return key, pgno if flags & F_BIGDATA else None, lo | hi << 16
+
+
 class Prefetcher:
     """Lookups of one environment's values that ask the disk for each large value in one request.
 
@@ -89,12 +154,14 @@ class Prefetcher:
 
     RECHECK = 4096  # gets between two looks at whether the table has overflow pages (it may still be written)
 
-    def __init__(self, begin, page_size: int):
+    def __init__(self, begin, page_size: int, *, fixed_map: bool = False):
         # the map starts on an OS page boundary, so a page's address gives its number only when LMDB's pages
         # are OS pages (always, unless the database was made on a machine with other pages)
         self.enabled = _MADVISE is not None and page_size == OS_PAGE
         self._begin = begin
         self._large, self._until_look = False, 0
+        self.leaves = Leaves() if fixed_map and self.enabled else None
+        self._cold = False  # whether the last lookup went to the disk (so the next one likely will)
 
     def large(self, txn, db) -> bool:
         """Whether the table (the items table: one per environment) holds values in overflow pages; looked at
@@ -110,28 +177,21 @@ class Prefetcher:
         if not self.large(txn, db):
             return txn.get(key, db=db)
         cursor = txn.cursor(db=db)
-        t0 = perf_counter_ns()
-        if not cursor.set_key(key):
-            return None
-        if perf_counter_ns() - t0 > COLD_NS:
-            self.hint(cursor)
-        return cursor.value()
+        return cursor.value() if self._lookup(cursor, key) else None
 
     def get_many(self, txn, db, keys: list[bytes]) -> list:
         """The values under ``keys`` (None where absent), every large value's read requested before the first
         is taken from the map in ``txn``.
 
         Values are looked up in order until one is not in the page cache; the rest of the batch is then looked
-        up by a pool of threads, since each lookup of a cold value waits for its first page: so a cold batch's
+        up by a pool of threads, since each lookup of a cold value may wait for the disk: so a cold batch's
         reads are in flight together, and a warm batch costs no thread at all.
         """
         if not self.large(txn, db):
             return [txn.get(k, db=db) for k in keys]
         cursor = txn.cursor(db=db)
         for n, k in enumerate(keys):
-            t0 = perf_counter_ns()
-            if cursor.set_key(k) and perf_counter_ns() - t0 > COLD_NS:
-                self.hint(cursor)
+            if self._lookup(cursor, k) and self._cold:
                 rest = keys[n + 1:]
                 if rest:
                     threads = min(HINT_THREADS, len(rest))
@@ -139,19 +199,29 @@ class Prefetcher:
                 break
         return [cursor.value() if cursor.set_key(k) else None for k in keys]
 
+    def _lookup(self, cursor, key: bytes) -> bool:
+        """Put the cursor on ``key`` (False if absent), first asking the disk for the value's pages when the
+        last lookup went to the disk and the key's leaf is known, else after a lookup that went to the disk."""
+        asked = False
+        if self._cold and self.leaves is not None:
+            found = self.leaves.span(key)
+            if found is not None:
+                asked = self._advise(*found)
+        t0 = perf_counter_ns()
+        if not cursor.set_key(key):
+            return False
+        self._cold = perf_counter_ns() - t0 > COLD_NS
+        if self._cold and not asked:
+            self.hint(cursor)
+        return True
+
     def _hint_keys(self, job: tuple) -> None:
         """In a pool thread: ask for the values of some keys, then wait until they are in (py-lmdb's preload)."""
         db, keys = job
         try:
             with self._begin(buffers=True) as txn:
                 cursor = txn.cursor(db=db)
-                found = []
-                for k in keys:
-                    t0 = perf_counter_ns()
-                    if cursor.set_key(k):
-                        if perf_counter_ns() - t0 > COLD_NS:
-                            self.hint(cursor)
-                        found.append(k)
+                found = [k for k in keys if self._lookup(cursor, k)]
                 for k in found:  # wait for them here, in parallel with the other threads
                     cursor.set_key(k)
                     cursor.value()
@@ -189,9 +259,17 @@ class Prefetcher:
 
     def hint(self, cursor) -> bool:
         """Ask for all the pages of the cursor's value at once if it spans several. Returns whether it asked."""
-        found = self.span(cursor)
-        if found is None or found[1] <= OS_PAGE:
-            return False  # kept in its leaf page, or one page: LMDB's lookup has read it already
-        start, length = found
+        node = self._node(cursor)
+        if node is None:
+            return False
+        page, leaf, first, size = node
+        if self.leaves is not None:
+            self.leaves.learn(page)
+        return self._advise(page + (first - leaf) * OS_PAGE, PAGE_HEADER_SIZE + size)
+
+    @staticmethod
+    def _advise(start: int, length: int) -> bool:
+        if length <= OS_PAGE:
+            return False  # one page: LMDB's lookup reads it anyway
         _MADVISE(ctypes.c_void_p(start), length, MADV_WILLNEED)
         return True

@@ -89,12 +89,12 @@ class Reader:
 
     def _handle(self) -> store.Handle:
         h = self._h
-        if h is not None and self._pid == os.getpid():
+        if h is not None and self._pid == store.PID:
             return h
         self._h = None
         heap.keep_freed_memory()
         self._h = store.acquire(self.path, lock=self._locked, max_readers=self.max_readers)
-        self._pid = os.getpid()
+        self._pid = store.PID
         self._items = None if self.__dict__.get("legacy") else self._h.db(store.ITEMS)
         self._fetch = self._h.prefetcher
         return self._h
@@ -112,7 +112,7 @@ class Reader:
     def close(self) -> None:
         """Release this reader's share of the environment. Idempotent."""
         h, self._h = self.__dict__.get("_h"), None
-        if h is not None and self._pid == os.getpid():
+        if h is not None and self._pid == store.PID:
             store.release(h)
 
     def __del__(self):

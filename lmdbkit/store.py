@@ -78,7 +78,9 @@ class Handle:
         """This environment's reads of large values (see ``prefetch``), made on first use."""
         p = self._prefetcher
         if p is None:
-            p = self._prefetcher = Prefetcher(self.begin, self.env.stat()["psize"])
+            # a map that never moves: no writer in this process may grow it, and no other process's writer can
+            p = self._prefetcher = Prefetcher(self.begin, self.env.stat()["psize"],
+                                              fixed_map=not self.writable and not self.locked)
         return p
 
     def db(self, name: bytes, *, create: bool = False, **flags):
@@ -97,6 +99,8 @@ class Handle:
         try:
             return self.env.begin(**kw)
         except lmdb.MapResizedError:
+            if self._prefetcher is not None:
+                self._prefetcher.leaves = None  # the map moves: forget addresses in it
             self.env.set_mapsize(0)
             return self.env.begin(**kw)
 
@@ -116,6 +120,7 @@ class Handle:
 _lock = threading.RLock()
 _registry: dict[str, Handle] = {}
 _writer_locks: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
+PID = os.getpid()  # this process's pid, kept by the fork hook below (os.getpid() is a system call per read)
 
 
 def _forget_inherited() -> None:
@@ -124,8 +129,9 @@ def _forget_inherited() -> None:
     Our readers hold no transaction across calls, so closing here touches none of the parent's reader
     slots; the parent's own handles are untouched (they live in the parent's memory).
     """
-    global _lock
+    global _lock, PID
     _lock = threading.RLock()
+    PID = os.getpid()
     for wl in list(_writer_locks):
         wl.release()  # the parent keeps its lock; this child holds no writer
     for h in list(_registry.values()):

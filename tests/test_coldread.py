@@ -101,6 +101,47 @@ def test_cold_reads_ask_once_per_large_value_and_warm_reads_never(cold_db, reque
         assert same(r[3], 3) and same(r.retrieve_batch(["k8", "nope", "k9"])[2], 9)
 
 
+def test_leaves_learned_from_cold_lookups_find_each_value_before_lmdb_reads_it(cold_db, requests):
+    with lmdbkit.Reader(cold_db) as r:
+        assert r._fetch.leaves is not None  # a finished database: its map never moves
+        r.read_many(range(len(r)))
+        with r._txn() as txn:
+            cursor = txn.cursor(db=r._items)
+            spans = {}
+            for i in range(len(r)):
+                cursor.set_key(store.pack_index(i))
+                spans[i] = r._fetch.span(cursor)
+        leaves = r._fetch.leaves
+        assert all(leaves.span(store.pack_index(i)) == spans[i] for i in range(len(r)) if spans[i])
+        assert leaves.span(store.pack_index(0)) is None and leaves.span(store.pack_index(40)) is None
+        assert leaves.span(b"short") is None
+
+def test_after_one_cold_lookup_values_are_asked_for_before_lmdb_looks_them_up(tmp_path, requests):
+    path = tmp_path / "big.lmdb"  # large values only: every key in one leaf page
+    with lmdbkit.Writer(path) as w:
+        for i in range(30):
+            w.append(sample(5 * i + 3), key=f"k{i}")
+    drop_page_cache(path)
+    with lmdbkit.Reader(path) as r:
+        found, learned = [], r._fetch.leaves.span
+        r._fetch.leaves.span = lambda key: found.append(learned(key)) or found[-1]
+        for i in (8, 13, 18, 23):  # the first lookup learns the leaf; the others are asked for before LMDB's
+            assert same(r[i], 5 * i + 3)
+        with r._txn() as txn:
+            cursor = txn.cursor(db=r._items)
+            spans = [cursor.set_key(store.pack_index(i)) and r._fetch.span(cursor) for i in (13, 18, 23)]
+        assert found == spans and {a for a, _ in requests} == {a for a, _ in spans} | {requests[0][0]}
+
+
+def test_databases_still_written_learn_no_addresses(tmp_path):
+    w = lmdbkit.Writer(tmp_path / "open.lmdb")
+    for i in range(5):
+        w.append(sample(i), key=f"k{i}")
+    w.close(complete=False)
+    with lmdbkit.Reader(tmp_path / "open.lmdb") as r:  # opened with the lock: a writer may grow its map
+        assert r._fetch.leaves is None and same(r.read_many([4])[0], 4)
+
+
 def test_every_item_equal_through_every_read_path_cold(cold_db):
     with lmdbkit.Reader(cold_db) as r:
         order = list(np.random.default_rng(0).permutation(len(r))) + [5, 5, -1]
