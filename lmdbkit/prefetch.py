@@ -9,15 +9,19 @@ instead (8 MiB on a typical disk), which wastes the disk on bytes nobody asked f
 
 What this does: a value is looked up with a cursor, which reads only the leaf page and the value's first
 page. LMDB keeps a large value contiguous in overflow pages and the leaf node holds their page number, so
-where the value lies in the map is known before its pages are touched. If the lookup had to wait for the
-disk, the kernel is asked for the value's whole range at once (``madvise(MADV_WILLNEED)``: asynchronous,
-one large request). py-lmdb's preload then waits for that one read, and decoding copies
-from the map as before (still one copy). A batch asks for every value's range before it copies the
-first, so all of its reads are in flight together and the disk works at depth.
+where the value lies in the map is known before its other pages are touched. If the lookup had to wait for
+the disk, the kernel is asked for the value's whole range at once (``madvise(MADV_WILLNEED)``:
+asynchronous, one large request). py-lmdb's preload then waits for that one read, and decoding copies from
+the map as before (still one copy). In a finished database the leaf pages met this way are remembered, so
+while reads keep going to the disk, each next value is asked for (first page too) before LMDB looks it up:
+one request per value instead of two in a row. A batch's lookups run in a pool of threads, so all of its
+reads are in flight together and the disk works at depth.
 
-The hints never change what is read: the bytes still come through LMDB's own pointer, and this module
-never dereferences an address it computed. A wrong, missing or unsupported hint (another platform,
-another LMDB page layout, a damaged page) costs speed, never correctness.
+The hints never change what is read: the bytes still come through LMDB's own pointer. This module reads
+only bytes of leaf pages inside those pages, at addresses LMDB gave (a key's) in a map that does not move
+(remembered leaves are only kept for finished databases read without a lock, and dropped if the map is
+ever remapped). A wrong, missing or unsupported hint (another platform, another LMDB page layout, a
+damaged page) costs speed, never correctness.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import lmdb
 import numpy as np
 
 NODE_HEADER = struct.Struct("=HHHH")  # LMDB's MDB_node: data size (lo, hi), flags, key size; the key follows
-PAGE_HEADER = struct.Struct("=QHH")   # MDB_page: page number, pad, flags
+PAGE_HEADER = struct.Struct("=QHHHH")  # MDB_page: page number, pad, flags, lower and upper bounds of free space
 PGNO = struct.Struct("=Q")            # a big value's node holds the page number of its overflow pages
 F_BIGDATA, P_LEAF = 0x01, 0x02
 PAGE_HEADER_SIZE = 16                 # bytes of MDB_page before a big value in its first overflow page
@@ -114,13 +118,12 @@ class Leaves:
 
 
 KEY_SIZE = 8  # the items table's keys: 8-byte big-endian indices
-LEAF_HEADER = struct.Struct("=QHHHH")  # MDB_page of a leaf: page number, pad, flags, lower, upper
-NODE = struct.Struct("=HHHH8sQ")      # a node with an 8-byte key and a big value: sizes, flags, key, page
+NODE = struct.Struct("=HHHH8sQ")  # a node with an 8-byte key and a big value: sizes, flags, key, page
 
 
 def _keys_in_leaf(page: int) -> int:
     """How many nodes the leaf page at this address holds (0 if it does not look like a leaf)."""
-    _, _, flags, lower, upper = LEAF_HEADER.unpack(ctypes.string_at(page, LEAF_HEADER.size))
+    _, _, flags, lower, upper = PAGE_HEADER.unpack(ctypes.string_at(page, PAGE_HEADER.size))
     if not flags & P_LEAF or not PAGE_HEADER_SIZE <= lower <= upper <= OS_PAGE:
         return 0
     return (lower - PAGE_HEADER_SIZE) // 2
@@ -154,13 +157,16 @@ class Prefetcher:
 
     RECHECK = 4096  # gets between two looks at whether the table has overflow pages (it may still be written)
 
-    def __init__(self, begin, page_size: int, *, fixed_map: bool = False):
+    def __init__(self, begin, page_size: int, *, finished: bool = False):
         # the map starts on an OS page boundary, so a page's address gives its number only when LMDB's pages
         # are OS pages (always, unless the database was made on a machine with other pages)
         self.enabled = _MADVISE is not None and page_size == OS_PAGE
         self._begin = begin
         self._large, self._until_look = False, 0
-        self.leaves = Leaves() if fixed_map and self.enabled else None
+        # a finished database read without a lock: its map never moves (leaf addresses stay good), and the
+        # pool's read transactions take none of the reader slots that an unfinished database's readers share
+        self.finished = finished
+        self.leaves = Leaves() if finished and self.enabled else None
         self._cold = False  # whether the last lookup went to the disk (so the next one likely will)
 
     def large(self, txn, db) -> bool:
@@ -183,15 +189,15 @@ class Prefetcher:
         """The values under ``keys`` (None where absent), every large value's read requested before the first
         is taken from the map in ``txn``.
 
-        Values are looked up in order until one is not in the page cache; the rest of the batch is then looked
-        up by a pool of threads, since each lookup of a cold value may wait for the disk: so a cold batch's
-        reads are in flight together, and a warm batch costs no thread at all.
+        Values are looked up in order until one is not in the page cache; in a finished database the rest of
+        the batch is then looked up by a pool of threads, since each lookup of a cold value may wait for the
+        disk: so a cold batch's reads are in flight together, and a warm batch costs no thread at all.
         """
         if not self.large(txn, db):
             return [txn.get(k, db=db) for k in keys]
         cursor = txn.cursor(db=db)
         for n, k in enumerate(keys):
-            if self._lookup(cursor, k) and self._cold:
+            if self._lookup(cursor, k) and self._cold and self.finished:
                 rest = keys[n + 1:]
                 if rest:
                     threads = min(HINT_THREADS, len(rest))
@@ -252,7 +258,7 @@ class Prefetcher:
         lo, hi, flags, node_ksize = NODE_HEADER.unpack(ctypes.string_at(at - NODE_HEADER.size, NODE_HEADER.size))
         if not flags & F_BIGDATA or node_ksize != ksize:
             return None
-        leaf, _, page_flags = PAGE_HEADER.unpack(ctypes.string_at(page, PAGE_HEADER.size))
+        leaf, _, page_flags, _, _ = PAGE_HEADER.unpack(ctypes.string_at(page, PAGE_HEADER.size))
         if not page_flags & P_LEAF:
             return None
         return page, leaf, PGNO.unpack(ctypes.string_at(at + ksize, PGNO.size))[0], lo | hi << 16

@@ -78,9 +78,8 @@ class Handle:
         """This environment's reads of large values (see ``prefetch``), made on first use."""
         p = self._prefetcher
         if p is None:
-            # a map that never moves: no writer in this process may grow it, and no other process's writer can
             p = self._prefetcher = Prefetcher(self.begin, self.env.stat()["psize"],
-                                              fixed_map=not self.writable and not self.locked)
+                                              finished=not self.writable and not self.locked)
         return p
 
     def db(self, name: bytes, *, create: bool = False, **flags):

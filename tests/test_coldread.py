@@ -133,13 +133,14 @@ def test_after_one_cold_lookup_values_are_asked_for_before_lmdb_looks_them_up(tm
         assert found == spans and {a for a, _ in requests} == {a for a, _ in spans} | {requests[0][0]}
 
 
-def test_databases_still_written_learn_no_addresses(tmp_path):
+def test_databases_still_written_learn_no_addresses_and_start_no_threads(tmp_path):
     w = lmdbkit.Writer(tmp_path / "open.lmdb")
     for i in range(5):
         w.append(sample(i), key=f"k{i}")
     w.close(complete=False)
-    with lmdbkit.Reader(tmp_path / "open.lmdb") as r:  # opened with the lock: a writer may grow its map
-        assert r._fetch.leaves is None and same(r.read_many([4])[0], 4)
+    with lmdbkit.Reader(tmp_path / "open.lmdb") as r:  # opened with the lock: a writer may grow its map, and
+        assert r._fetch.leaves is None and not r._fetch.finished  # threads would take the readers' lock slots
+        assert [same(s, i) for i, s in enumerate(r.read_many(range(5)))] == [True] * 5
 
 
 def test_every_item_equal_through_every_read_path_cold(cold_db):
