@@ -163,7 +163,7 @@ def bench_cold(summary: dict):
         ax.set_yscale("log")
         ax.set_title(f"{temp} page cache" + (" (dropped before each method)" if temp == "cold" else ""))
     axes[0].set_ylabel("MiB/s (~256 KiB items, random)")
-    axes[1].legend(fontsize=8, loc="upper right")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
