@@ -32,6 +32,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
 from time import perf_counter_ns
@@ -89,23 +90,29 @@ class Leaves:
     """
 
     def __init__(self):
-        self._pages: list[tuple[bytes, bytes, int]] = []  # (first key, last key, page address), sorted
+        self._pages: list[tuple[bytes, bytes, int, int]] = []  # (first key, last key, address, page number)
+        self._known: set[int] = set()
+        self._lock = threading.Lock()  # the pool's threads learn too
 
     def learn(self, page: int) -> None:
         """Remember the leaf page at this address (its first and last keys)."""
-        n = _keys_in_leaf(page)
-        if not n:
+        if page in self._known:
             return
-        first, last = _leaf_node(page, 0), _leaf_node(page, n - 1)
-        if first is not None and last is not None and (first[0], last[0], page) not in self._pages:
-            bisect.insort(self._pages, (first[0], last[0], page))
+        n = _keys_in_leaf(page)
+        first, last = (_leaf_node(page, 0), _leaf_node(page, n - 1)) if n else (None, None)
+        if first is not None and last is not None:
+            number = PAGE_HEADER.unpack(ctypes.string_at(page, PAGE_HEADER.size))[0]
+            with self._lock:
+                if page not in self._known:
+                    self._known.add(page)
+                    bisect.insort(self._pages, (first[0], last[0], page, number))
 
     def span(self, key: bytes) -> tuple[int, int] | None:
         """(address, length) of the overflow pages of the value under ``key``, if its leaf is known."""
         i = bisect.bisect_right(self._pages, key, key=itemgetter(0)) - 1
         if i < 0 or len(key) != KEY_SIZE:
             return None
-        first, last, page = self._pages[i]
+        first, last, page, number = self._pages[i]
         if not first <= key <= last:
             return None
         # the items table's keys are consecutive integers, so a key's node is at its distance from the first
@@ -113,8 +120,7 @@ class Leaves:
         if node is None or node[0] != key or node[1] is None:
             return None
         _, first_page, size = node
-        leaf = PAGE_HEADER.unpack(ctypes.string_at(page, PAGE_HEADER.size))[0]
-        return page + (first_page - leaf) * OS_PAGE, PAGE_HEADER_SIZE + size
+        return page + (first_page - number) * OS_PAGE, PAGE_HEADER_SIZE + size
 
 
 KEY_SIZE = 8  # the items table's keys: 8-byte big-endian indices
