@@ -267,17 +267,32 @@ class Reader:
         return self[j]
 
     @_lmdb_errors
-    def retrieve_batch(self, keys: Iterable[str]) -> list[dict | None]:
-        """The items for several keys, in one transaction; None where a key is missing."""
+    def retrieve_batch(self, keys: Iterable[str | int]) -> list[dict | None]:
+        """The items for several keys (str) or indices (int), in one transaction; None where a key is missing
+        (an index out of range raises IndexError, as ``reader[i]`` does)."""
+        wanted = [_key_or_index(k, self.path) for k in keys]
         if self.legacy:
-            return [self.get(k, None) for k in keys]
-        keys = list(keys)
+            return [self.get(k, None) if isinstance(k, str) else self[k] for k in wanted]
         with self._txn() as txn:
             kdb = self._keys_db()
-            found = [(k, txn.get(k.encode(), db=kdb)) for k in keys]
-            hits = [(k, store.unpack_index(raw)) for k, raw in found if raw is not None]
-            bufs = iter(self._raw_many(txn, [j for _, j in hits]))
-            return [None if raw is None else self._decode(next(bufs), k)[1] for k, raw in found]
+            found = []
+            for k in wanted:
+                if isinstance(k, str):
+                    raw = txn.get(k.encode(), db=kdb)
+                    found.append((k, None if raw is None else store.unpack_index(raw)))
+                else:
+                    found.append((k, self._norm(k)))
+            bufs = iter(self._raw_many(txn, [j for _, j in found if j is not None]))
+            return [None if j is None else self._decode(next(bufs), k)[1] for k, j in found]
+
+    # the names older storage classes used, so ported code runs as it is
+    def retrieve_sample(self, key: str) -> dict:
+        """The item written under ``key`` (the older storage classes' name for ``get``)."""
+        return self.get(key)
+
+    def get_all_keys(self) -> list[str]:
+        """Every key in index order (the older storage classes' name for ``keys``)."""
+        return self.keys()
 
     @_lmdb_errors
     def keys(self) -> list[str]:
@@ -360,6 +375,19 @@ class Reader:
     def __repr__(self) -> str:
         kind = "legacy pickle" if self.legacy else ("complete" if self._meta.get("complete") else "incomplete")
         return f"<lmdbkit.Reader {self.path!r} items={len(self)} {kind}>"
+
+
+def _key_or_index(k, path: str) -> str | int:
+    """A retrieve_batch entry as a key (str) or an index (int); anything else is refused, naming it."""
+    if isinstance(k, str):
+        return k
+    if not isinstance(k, bool):
+        try:
+            return k.__index__()
+        except AttributeError:
+            pass
+    raise LmdbkitError(f"{path}: retrieve_batch takes keys (str) or item indices (int), got {type(k).__name__} "
+                       f"{k!r}")
 
 
 class MultiReader:
@@ -445,6 +473,17 @@ class MultiReader:
 
     def keys(self) -> list[str]:
         return [k for r in self.readers for k in r.keys()]
+
+    def retrieve_batch(self, keys) -> list[dict | None]:
+        """The items for several keys (str) or global indices (int); None where a key is missing."""
+        out = []
+        for k in keys:
+            k = _key_or_index(k, self.path)
+            out.append(self.get(k, None) if isinstance(k, str) else self[k])
+        return out
+
+    retrieve_sample = Reader.retrieve_sample
+    get_all_keys = Reader.get_all_keys
 
     @property
     def meta(self) -> dict:

@@ -444,3 +444,30 @@ def test_corrupt_item_names_database_and_key(small_db):
     with pytest.raises(CorruptItemError, match=r"small.lmdb: item 4: corrupt item: .*lmdbkit verify"):
         r[4]
     assert r[5]["i"] == 5  # one bad item does not poison the rest
+
+
+def test_older_storage_class_calls_run_as_written(small_db):
+    """Code ported from the older LMDB storage class and per-batch scripts, unchanged."""
+    from lmdbkit import bench
+    from lmdbkit.reader import MultiReader
+    storage = lmdbkit.Reader(small_db)
+    keys = storage.get_all_keys()
+    assert keys == storage.keys() and len(keys) == len(storage)
+    sample = storage.retrieve_sample(keys[5])
+    assert np.array_equal(sample["x"], storage[5]["x"]) and sample["i"] == 5
+    by_key, by_index = storage.retrieve_batch(keys[:3]), storage.retrieve_batch([0, 1, np.int64(2)])
+    assert [s["i"] for s in by_key] == [s["i"] for s in by_index] == [0, 1, 2]
+    assert storage.retrieve_batch(["missing", -1])[0] is None and storage.retrieve_batch([-1])[0]["i"] == 99
+    with pytest.raises(IndexError):
+        storage.retrieve_batch([100])
+    with pytest.raises(LmdbkitError, match=r"keys \(str\) or item indices \(int\), got float 0.5"):
+        storage.retrieve_batch([0.5])
+    storage.close()
+    perf = bench.benchmark_lmdb_performance(small_db, num_samples=50)
+    assert perf["avg_random_access_time_ms"] == perf["random_ms_per_sample"] > 0
+    assert perf["avg_sequential_access_time_ms"] > 0 and perf["samples_per_second_random"] > 0
+    both = MultiReader([small_db, small_db])
+    assert [s["i"] for s in both.retrieve_batch([150, keys[1]])] == [50, 1] and both.get_all_keys()[100] == keys[0]
+    both.close()
+    dataset = lmdbkit.LMDBDataset(small_db)
+    dataset.close()
