@@ -6,7 +6,8 @@ skips the chunks already written, and checks the item count at the end.
 
 - ``from_pt_dir``: a folder of per-batch ``.pt`` files, each a list of sample dicts or a dict of batched
   tensors (and lists of the same length);
-- ``from_zarr``: a Zarr group (format 3 or 2) whose arrays share the first dimension as the sample axis;
+- ``from_zarr``: a Zarr group (format 3 or 2) whose arrays, at any depth (fields named by path, e.g.
+  ``labels/position``), share the first dimension as the sample axis;
 - ``from_hdf5``: an HDF5 file whose datasets share the first dimension (attributes go to the metadata);
 - ``from_numpy``: a folder of ``.npy`` files (one sample each) or an ``.npz`` file whose arrays share the
   first dimension;
@@ -78,6 +79,19 @@ def _write(dest, chunks: Iterable[tuple[str, list[tuple[str, dict]] | Callable]]
         raise LmdbkitError(f"conversion into {dest} wrote {n} items, the source holds {expected}; "
                            "run the conversion again (mode='overwrite') and check the source")
     return {"destination": str(dest), "items": n, "chunks_resumed": skipped}
+
+
+def _check_fields(result: dict, columns: dict[str, Any], src) -> dict:
+    """The conversion's result with the arrays found and converted; an error naming any array that was found
+    in the source but is not a field of the items (nothing is dropped silently)."""
+    from .reader import Reader
+    with Reader(result["destination"]) as r:
+        fields = set(r.meta.get("schema", {}))
+    missing = sorted(set(columns) - fields)
+    if missing:
+        raise LmdbkitError(f"{src}: {len(missing)} of its {len(columns)} arrays did not become fields of "
+                           f"{result['destination']}: {missing}; converted fields are {sorted(fields)}")
+    return dict(result, arrays_found=len(columns), arrays_converted=len(columns))
 
 
 def _shared_length(columns: dict[str, Any], where: str) -> int:
@@ -161,12 +175,14 @@ def from_zarr(src: str | os.PathLike, dest: str | os.PathLike, *, chunk: int = C
     """A Zarr group (format 3 or 2) whose arrays share the first dimension -> dest. Keys: the row number."""
     import zarr
     g = zarr.open_group(str(src), mode="r")
-    columns = {name: arr for name, arr in g.arrays()}
+    # every array at every depth, named by its path ("labels/position"), as the HDF5 converter names them
+    columns = {path: node for path, node in g.members(max_depth=None) if isinstance(node, zarr.Array)}
     n = _shared_length(columns, str(src))
     md = {"converted_from": {"format": f"zarr v{g.metadata.zarr_format}", "path": str(src)},
           "attributes": _jsonable(dict(g.attrs)),
           "array_attributes": {name: _jsonable(dict(a.attrs)) for name, a in columns.items() if len(a.attrs)}}
-    return _write(dest, _chunked(columns, n, chunk), expected=n, desc=f"convert {Path(src).name}", metadata=md, **kw)
+    out = _write(dest, _chunked(columns, n, chunk), expected=n, desc=f"convert {Path(src).name}", metadata=md, **kw)
+    return _check_fields(out, columns, src)
 
 
 def from_hdf5(src: str | os.PathLike, dest: str | os.PathLike, *, chunk: int = CHUNK, **kw) -> dict:
@@ -178,7 +194,9 @@ def from_hdf5(src: str | os.PathLike, dest: str | os.PathLike, *, chunk: int = C
         n = _shared_length(columns, str(src))
         md = {"converted_from": {"format": "hdf5", "path": str(src)}, "attributes": _jsonable(dict(f.attrs)),
               "array_attributes": {k: _jsonable(dict(d.attrs)) for k, d in columns.items() if len(d.attrs)}}
-        return _write(dest, _chunked(columns, n, chunk), expected=n, desc=f"convert {Path(src).name}", metadata=md, **kw)
+        out = _write(dest, _chunked(columns, n, chunk), expected=n, desc=f"convert {Path(src).name}", metadata=md,
+                     **kw)
+        return _check_fields(out, columns, src)
 
 
 def from_numpy(src: str | os.PathLike, dest: str | os.PathLike, *, field: str = "array", chunk: int = CHUNK,
@@ -190,8 +208,9 @@ def from_numpy(src: str | os.PathLike, dest: str | os.PathLike, *, field: str = 
         with np.load(p, allow_pickle=False, mmap_mode=None) as z:
             columns = {k: z[k] for k in z.files}  # npz members are read whole; use .npy files for huge data
         n = _shared_length(columns, str(p))
-        return _write(dest, _chunked(columns, n, chunk), expected=n, desc=f"convert {p.name}",
-                      metadata={"converted_from": {"format": "npz", "path": str(p)}}, **kw)
+        out = _write(dest, _chunked(columns, n, chunk), expected=n, desc=f"convert {p.name}",
+                     metadata={"converted_from": {"format": "npz", "path": str(p)}}, **kw)
+        return _check_fields(out, columns, p)
     files = sorted(p.glob("*.npy")) if p.is_dir() else []
     if not files:
         raise LmdbkitError(f"{src} is neither an .npz file nor a folder of .npy files")

@@ -166,7 +166,8 @@ def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
     assert len(lmdbkit.Reader(tmp_path / "a.lmdb")) == 20
     monkeypatch.setattr(convert, "_chunked", real)
     res = convert.from_numpy(tmp_path / "a.npz", tmp_path / "a.lmdb", chunk=10, progress=False)
-    assert res == {"destination": str(tmp_path / "a.lmdb"), "items": 100, "chunks_resumed": 2}
+    assert res == {"destination": str(tmp_path / "a.lmdb"), "items": 100, "chunks_resumed": 2, "arrays_found": 1,
+                   "arrays_converted": 1}
     assert [s["x"] for s in lmdbkit.Reader(tmp_path / "a.lmdb")] == list(range(100))
 
 
@@ -257,3 +258,18 @@ def test_cli_help_and_bench_passthrough():
     b = _lmdbkit("bench", "--help")
     assert b.returncode == 0 and "--full" in b.stdout
     assert _lmdbkit("frobnicate").returncode == 2
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_convert_zarr_keeps_arrays_of_sub_groups(tmp_path, zarr_format):
+    """A Zarr store laid out as the older writer made it: arrays in sub-groups, none of them dropped."""
+    g = zarr.open_group(str(tmp_path / "z.zarr"), mode="w", zarr_format=zarr_format)
+    g.create_array("csi", shape=(6, 4), dtype="float32")[:] = np.arange(24, dtype=np.float32).reshape(6, 4)
+    g.create_group("labels").create_array("position", shape=(6, 2), dtype="float32")[:] = np.full((6, 2), 7.0)
+    g.create_group("features").create_group("deep").create_array("id", shape=(6,), dtype="int64")[:] = np.arange(6)
+    res = convert.from_zarr(tmp_path / "z.zarr", tmp_path / "z.lmdb", chunk=4, progress=False)
+    assert res["items"] == 6 and res["arrays_found"] == res["arrays_converted"] == 3
+    keys, items, md = _read_all(tmp_path / "z.lmdb")
+    assert set(items[5]) == {"csi", "labels/position", "features/deep/id"}
+    assert np.array_equal(items[5]["labels/position"], [7.0, 7.0]) and items[5]["features/deep/id"] == 5
+    assert np.array_equal(items[5]["csi"], np.arange(20, 24, dtype=np.float32))
