@@ -43,5 +43,6 @@ def query_samples_by_label(db_path: str | os.PathLike, label: Any) -> list[int]:
 
 
 def query_samples_by_category(db_path: str | os.PathLike, category: Any) -> list[int]:
-    """Sorted indices of the items whose ``category`` equals ``category`` (needs an index on category)."""
+    """Sorted indices of the items whose ``category`` equals ``category`` (needs an index on category, or on
+    one nested field named category, such as ``metadata.category``)."""
     return query(db_path, category=category)

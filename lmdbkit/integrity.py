@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import codec, store
 from .errors import CorruptItemError, LmdbkitError
 from .reader import Reader
-from .writer import index_value
+from .writer import field_value, index_value
 
 MAX_LISTED = 100
 
@@ -174,7 +174,7 @@ def _check_tables(r: Reader, rep: Report, ev: _Events) -> None:
                     keys_of[i] = key
                 for f in index_fields:
                     try:
-                        v = index_value(sample.get(f), field=f, key=key)
+                        v = index_value(field_value(sample, f), field=f, key=key)
                     except LmdbkitError as exc:
                         ev.problem(f"indexed field {f!r}: {exc}", key=key, index=i)
                         continue

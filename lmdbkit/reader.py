@@ -335,7 +335,23 @@ class Reader:
     def index_fields(self) -> list[str]:
         return list(self.meta.get("index_fields", []))
 
+    def index_name(self, field: str) -> str:
+        """The indexed field a query name means: itself, with ``__`` read as ``.`` (``metadata__category``, for
+        keyword arguments), or the one indexed nested field it is the last name of (``category``)."""
+        fields = self.index_fields
+        for name in (field, field.replace("__", ".")):
+            if name in fields:
+                return name
+            found = [f for f in fields if f.endswith("." + name)]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                raise IndexNotFoundError(f"{self.path}: {field!r} could mean any of the indexed fields {found}; "
+                                         "give the full path")
+        return field
+
     def _index_db(self, field: str):
+        field = self.index_name(field)
         if field not in self.index_fields:
             raise IndexNotFoundError(
                 f"{self.path} has no index on {field!r}; indexed fields are {self.index_fields}. Build one with "
@@ -344,7 +360,11 @@ class Reader:
 
     @_lmdb_errors
     def query(self, **conditions: Any) -> list[int]:
-        """Sorted indices of the items whose indexed fields equal the given values (several intersect)."""
+        """Sorted indices of the items whose indexed fields equal the given values (several intersect).
+
+        A nested field is named by its path, ``query(**{"metadata.category": "A"})``, or as a keyword
+        ``query(metadata__category="A")``, or by its last name when that is unambiguous, ``query(category="A")``.
+        """
         if not conditions:
             raise LmdbkitError("query() needs at least one field=value condition")
         result: set[int] | None = None
@@ -353,7 +373,7 @@ class Reader:
                 d = self._index_db(field)
                 cur = txn.cursor(db=d)
                 found: set[int] = set()
-                if cur.set_key(index_value(value, field=field)):
+                if cur.set_key(index_value(value, field=self.index_name(field))):
                     found = set(map(store.unpack_index, cur.iternext_dup()))
                 result = found if result is None else result & found
         return sorted(result or ())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import lmdb
+import msgpack
 import numpy as np
 
 from . import codec, store
@@ -53,6 +54,12 @@ def _field_names(fields: Iterable[str] | str) -> tuple[str, ...]:
     return out
 
 
+def _same_fields(given, stored) -> bool:
+    """Whether index_fields given to an append name the stored ones (a stored "metadata.category" may be given
+    as "category", as when it was first written)."""
+    return len(given) == len(stored) and all(g == s or s.endswith("." + g) for g, s in zip(given, stored))
+
+
 def check_key_bytes(b: bytes, *, what: str) -> bytes:
     """``b``, or KeyTooLongError naming what it is, its length and the limit (before anything is queued)."""
     limit = store.MAX_KEY_BYTES
@@ -76,9 +83,57 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+MISSING = object()  # field_value's answer for a field the sample does not have
+
+
+def field_value(sample: dict, path: str) -> Any:
+    """A field's value: ``path`` as a top-level name, else as a dotted path into nested dicts
+    (``"metadata.category"``); MISSING if the sample has no such field."""
+    if path in sample:
+        return sample[path]
+    value: Any = sample
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
+def nested_paths(sample: dict, prefix: str = "") -> list[str]:
+    """The dotted path of every value inside a nested dict of a sample (top-level names not included)."""
+    out = []
+    for k, v in sample.items():
+        if isinstance(v, dict) and isinstance(k, str):
+            out += [f"{prefix}{k}.{kk}" for kk in v if isinstance(kk, str)]
+            out += nested_paths(v, f"{prefix}{k}.")
+    return out
+
+
+def resolve_field(sample: dict, name: str, *, where: object) -> str:
+    """The field an index name means: itself if the sample has it (top-level or as a dotted path), else the one
+    nested field whose last name it is (``category`` -> ``metadata.category``); SchemaError if none or several."""
+    if field_value(sample, name) is not MISSING:
+        return name
+    found = [p for p in nested_paths(sample) if p.rsplit(".", 1)[-1] == name]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise SchemaError(f"{where}: index field {name!r} is ambiguous: the samples have {found}; give the full "
+                          "path (e.g. index_fields=(" + repr(found[0]) + ",))")
+    raise SchemaError(f"{where}: index field {name!r} is not a field of the samples; their fields are "
+                      f"{sorted(str(k) for k in sample)}" + (f" and nested {nested_paths(sample)}"
+                                                              if nested_paths(sample) else ""))
+
+
 def index_value(value: Any, *, field: str, key: object = None) -> bytes:
-    """The canonical UTF-8 form of an indexed value: its JSON text, so 1, "1" and true stay distinct."""
-    if isinstance(value, (np.integer, np.bool_, np.str_)):
+    """The canonical UTF-8 form of an indexed value: its JSON text, so 1, "1" and true stay distinct.
+
+    A 0-d tensor or array, or a numpy scalar (a label sliced from a batch: ``labels[i]``), is indexed as its
+    Python value."""
+    if value is MISSING:
+        raise SchemaError(f"item {key!r} has no field {field!r} to index; give it in every sample, or index "
+                          "another field")
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
         value = value.item()
     if not isinstance(value, INDEXABLE):
         raise SchemaError(f"indexed field {field!r} of item {key!r} is {type(value).__name__} {value!r}; "
@@ -193,9 +248,10 @@ class Writer:
                              "schema": {}, "index_fields": list(self.index_fields), "metadata": metadata or {},
                              "complete": False, "writer_version": _version(), "created": _now(),
                              "updated": _now(), "compression": compression}
-            # index sub-databases only once the fields are settled (a refused append must write nothing)
-            self._index = {f: self._h.db(store.index_db_name(f), create=True, dupsort=True, dupfixed=True)
-                           for f in self.index_fields}
+            # index sub-databases are made at the first commit after the fields are settled: a refused append must
+            # write nothing, and a name like "category" may turn out to mean "metadata.category" (first sample)
+            self._index: dict[str, Any] = {}
+            self._fields_resolved = self.count > 0
             if map_size > self._h.env.info()["map_size"]:
                 self._h.env.set_mapsize(map_size)
             self._pending: list[tuple[bytes, bytes, bytes]] = []   # (index key, sample key, encoded)
@@ -288,7 +344,7 @@ class Writer:
                 raise ConfigMismatchError(str(self.path), before, requested,
                                           "Continue with the stored settings, or pass mode='overwrite' to start over")
             stored = dict(stored, metadata=dict(stored_md, **metadata))
-        if self.index_fields and list(self.index_fields) != stored.get("index_fields", []):
+        if self.index_fields and not _same_fields(self.index_fields, stored.get("index_fields", [])):
             raise ConfigMismatchError(str(self.path), {"index_fields": stored.get("index_fields")},
                                       {"index_fields": list(self.index_fields)},
                                       "Append with the same index_fields, or pass mode='overwrite'")
@@ -333,7 +389,12 @@ class Writer:
         data, sig = codec.encode_with_schema(sample, key, compression=self.compression)
         if sig != self._sig:
             self._check_schema(sample, sig, key)
-        index_entries = [(f, index_value(sample.get(f), field=f, key=key)) for f in self.index_fields]
+        if not self._fields_resolved and self.index_fields:
+            fields = tuple(resolve_field(sample, f, where=f"{self.path}: sample {key!r}") for f in self.index_fields)
+            self.index_fields = fields
+            self.meta["index_fields"] = list(fields)
+        index_entries = [(f, index_value(field_value(sample, f), field=f, key=key)) for f in self.index_fields]
+        self._fields_resolved = True
         ik = store.pack_index(i)
         self._pending.append((ik, kb, data))
         self._pending_keys.add(kb)
@@ -439,9 +500,13 @@ class Writer:
         """
         self._check_open()
         (field,) = _field_names(field)
+        self.commit()
+        if self.count:  # "category" may mean "metadata.category": ask the first item
+            with self._h.begin(buffers=True) as txn:
+                first = codec.parse(txn.get(store.pack_index(0), db=self._items))[3]
+            field = resolve_field(first, field, where=self.path)
         if field in self.index_fields:
             return 0
-        self.commit()
         d = self._h.db(store.index_db_name(field), create=True, dupsort=True, dupfixed=True)
         from tqdm.auto import tqdm
         entries: list[tuple[bytes, bytes]] = []
@@ -478,12 +543,13 @@ class Writer:
                     ik, buf = cur.item()
                     i = store.unpack_index(ik)
                     try:
-                        _, _, key, fields, _ = codec.parse(buf)  # header only: no array is copied
+                        _, _, key, fields, arrays = codec.parse(buf)  # header only: no array is copied
+                        value = field_value(fields, field)
+                        if isinstance(value, msgpack.ExtType) or (value is None and any(a[0] == field for a in arrays)):
+                            value = field_value(codec.decode(buf, decode_to="numpy")[1], field)  # an array (0-d?)
                     except codec.CorruptItemError as exc:
                         raise exc.at(str(self.path), i) from exc
-                    if field not in fields:
-                        raise SchemaError(f"{self.path}: item {key!r} has no field {field!r}; fields are {sorted(fields)}")
-                    entries.append((index_value(fields[field], field=field, key=key), bytes(ik)))
+                    entries.append((index_value(value, field=field, key=key), bytes(ik)))
                     start = i + 1
                     ok = cur.next()
                 if not ok:
@@ -507,12 +573,21 @@ class Writer:
         self._check_open()
         self._commit(mark_complete=False)
 
+    def _index_db(self, field: str):
+        d = self._index.get(field)
+        if d is None:
+            d = self._index[field] = self._h.db(store.index_db_name(field), create=True, dupsort=True, dupfixed=True)
+        return d
+
     def _commit(self, *, mark_complete: bool) -> None:
         n = len(self._pending)
         meta = dict(self.meta, count=self.count + n, schema=self.schema, complete=mark_complete, updated=_now())
         blob = json.dumps(meta).encode()
         self._rtxn.abort()
         try:
+            if self._fields_resolved or mark_complete:  # readers find an index (maybe empty) for every field
+                for f in self.index_fields:
+                    self._index_db(f)
             self._write(blob)
         finally:
             self._rtxn = self._h.env.begin()

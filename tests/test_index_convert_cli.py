@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lmdbkit
 from lmdbkit import convert, index
-from lmdbkit.errors import IndexNotFoundError, LmdbkitError, UnsafeFormatError
+from lmdbkit.errors import IndexNotFoundError, LmdbkitError, SchemaError, UnsafeFormatError
 from lmdbkit.integrity import verify
 
 # -- indexes and queries ----------------------------------------------------------------------------
@@ -273,3 +273,73 @@ def test_convert_zarr_keeps_arrays_of_sub_groups(tmp_path, zarr_format):
     assert set(items[5]) == {"csi", "labels/position", "features/deep/id"}
     assert np.array_equal(items[5]["labels/position"], [7.0, 7.0]) and items[5]["features/deep/id"] == 5
     assert np.array_equal(items[5]["csi"], np.arange(20, 24, dtype=np.float32))
+
+
+# -- nested fields, as the older storage class's samples hold them ------------------------------------
+
+def video_sample(i: int, label=None) -> dict:
+    return {"data": np.full((2, 3), i, np.float32), "label": i % 2 if label is None else label,
+            "metadata": {"category": "AB"[i % 2], "method": ["faceswap", "deepfake", "real"][i % 3],
+                         "source": f"id{i:03d}", "frames": {"first": i}}}
+
+
+def test_nested_fields_indexed_and_queried_where_they_live(tmp_path):
+    path = tmp_path / "video.lmdb"
+    with lmdbkit.Writer(path, index_fields=("label", "metadata.category", "metadata.method")) as w:
+        for i in range(12):
+            w.append(video_sample(i), key=f"v{i}")
+    with lmdbkit.Reader(path) as r:
+        assert r.index_fields == ["label", "metadata.category", "metadata.method"]
+        a = [i for i in range(12) if i % 2 == 0]
+        assert r.query(**{"metadata.category": "A"}) == a == r.query(metadata__category="A") == r.query(category="A")
+        assert r.query(**{"metadata.category": "B", "metadata.method": "real"}) == [5, 11]
+        assert dict(r.values("method")) == {"faceswap": 4, "deepfake": 4, "real": 4}
+    assert index.query_samples_by_category(path, "A") == a  # no top-level category: the nested one
+    assert index.build_index(path, "metadata.source", progress=False) == 12
+    assert index.build_index(path, "first", progress=False) == 12  # -> metadata.frames.first
+    with lmdbkit.Reader(path) as r:
+        assert r.query(source="id007") == [7] and r.query(**{"metadata.frames.first": 3}) == [3]
+    p = _lmdbkit("query", path, "metadata.category=A", "--json")
+    assert p.returncode == 0 and [x["index"] for x in json.loads(p.stdout)["items"]] == a
+    ds = lmdbkit.LMDBDataset(path)
+    assert [int(s["metadata"]["frames"]["first"]) for s in ds.subset(**{"metadata.method": "deepfake"})] == [1, 4, 7, 10]
+    ds.close()
+    assert verify(path).ok
+
+
+def test_older_config_names_resolve_to_the_nested_field(tmp_path):
+    path = tmp_path / "old.lmdb"
+    with lmdbkit.Writer(path, index_fields=["label", "category", "method"]) as w:  # the older config, as written
+        for i in range(6):
+            w.append(video_sample(i), key=f"v{i}")
+    with lmdbkit.Reader(path) as r:  # recorded by their full paths
+        assert r.index_fields == ["label", "metadata.category", "metadata.method"] and r.query(category="B") == [1, 3, 5]
+    with lmdbkit.Writer(path, mode="append", index_fields=["label", "category", "method"]) as w:  # a rerun
+        w.append(video_sample(6), key="v6")
+    with lmdbkit.Reader(path) as r:
+        assert r.query(method="faceswap") == [0, 3, 6]
+    both = dict(video_sample(0), extra={"category": "x"})
+    with pytest.raises(SchemaError, match=r"'category' is ambiguous.*'metadata.category', 'extra.category'"):
+        lmdbkit.Writer(tmp_path / "amb.lmdb", index_fields=["category"]).append(both)
+    with pytest.raises(SchemaError, match=r"'colour' is not a field of the samples.*nested \['metadata.category'"):
+        lmdbkit.Writer(tmp_path / "none.lmdb", index_fields=["colour"]).append(video_sample(0))
+
+
+def test_labels_sliced_from_batches_are_indexed_as_their_values(tmp_path):
+    import torch
+    labels, flags = torch.tensor([0, 1, 2, 1]), np.array([True, False, True, True])
+    path = tmp_path / "sliced.lmdb"
+    with lmdbkit.Writer(path, index_fields=("label", "flag", "metadata.category")) as w:
+        for i in range(4):  # labels[i]: a 0-d tensor; flags[i]: a numpy bool
+            w.append(dict(video_sample(i, label=labels[i]), flag=flags[i]), key=f"v{i}")
+    with lmdbkit.Reader(path) as r:
+        assert r.query(label=1) == [1, 3] and r.query(flag=True) == [0, 2, 3]
+    path2 = tmp_path / "later.lmdb"  # indexed afterwards (lmdbkit index): the 0-d tensor is read back whole
+    with lmdbkit.Writer(path2) as w:
+        for i in range(4):
+            w.append(video_sample(i, label=labels[i]), key=f"v{i}")
+    p = _lmdbkit("index", path2, "label")
+    assert p.returncode == 0, p.stderr
+    assert index.query(path2, label=2) == [2]
+    p = _lmdbkit("index", path2, "nosuch")
+    assert p.returncode != 0 and "NoneType" not in p.stderr and "'nosuch' is not a field" in p.stderr
