@@ -7,6 +7,7 @@ it cannot read a file and torchaudio imports, torchaudio is tried. Resampling us
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import re
@@ -33,30 +34,53 @@ class Source:
     split: str | None = None
 
 
+log = logging.getLogger("lmdbkit.audio")
+
+
 def discover(audio_dir: str | os.PathLike, *, manifest: str | os.PathLike | None = None,
-             extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[Source]:
+             extensions: Iterable[str] = AUDIO_EXTENSIONS, label_depth: int = 0) -> list[Source]:
     """The audio files under ``audio_dir``, sorted by relative path.
 
-    Labels come from the manifest (CSV with ``path,label[,split]``, paths relative to audio_dir) or, as
-    torchvision's ImageFolder does, from the class folder: the first folder below audio_dir (files at the
-    top level get the label ""). Hidden files and folders are ignored.
+    Labels come from the manifest (CSV with ``path,label[,split]``, paths relative to audio_dir) or from a
+    folder of each file's path, chosen by ``label_depth``: 0 the first folder below audio_dir (as
+    torchvision's ImageFolder), 1 the folder below that (``speech/en/x.wav`` -> ``en``), -1 the file's own
+    folder. A file not that deep takes its own folder; files directly in audio_dir take audio_dir's name
+    (both are logged). Hidden files and folders are ignored.
     """
     root = Path(audio_dir)
     if not root.is_dir():
         raise LmdbkitError(f"audio_dir={str(audio_dir)!r} is not a folder. Point it at the folder that holds "
                            "your audio (one subfolder per class), or leave it None for the demo corpus")
+    if not isinstance(label_depth, int) or isinstance(label_depth, bool) or label_depth < -1:
+        raise LmdbkitError(f"label_depth={label_depth!r}: give 0 (the first folder below audio_dir), 1 (the folder "
+                           "below that), ... or -1 (each file's own folder)")
     if manifest is not None:
         return _read_manifest(root, Path(manifest))
     exts = tuple(e.lower() for e in extensions)
-    out = []
+    top = root.resolve().name or "audio"
+    out, at_top, shallow = [], 0, 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith(".") or not name.lower().endswith(exts):
                 continue
             rel = Path(dirpath, name).relative_to(root).as_posix()
-            label = rel.split("/", 1)[0] if "/" in rel else ""
+            folders = rel.split("/")[:-1]
+            if not folders:
+                at_top += 1
+                label = top
+            elif label_depth == -1 or label_depth >= len(folders):
+                shallow += label_depth >= len(folders)
+                label = folders[-1]
+            else:
+                label = folders[label_depth]
             out.append(Source(rel, label))
+    if at_top:
+        log.warning("%d audio files lie directly in %s, not in a class folder: they are labelled %r. Put each "
+                    "class in its own folder (or give a manifest) to label them", at_top, root, top)
+    if shallow:
+        log.warning("%d audio files are not %d folders deep (label_depth=%d): each is labelled by its own folder",
+                    shallow, label_depth + 1, label_depth)
     out.sort(key=lambda s: s.path)
     return out
 
@@ -200,8 +224,9 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 
 def segments(n_frames: int, sr: int, segment_seconds: float | None, hop_seconds: float | None,
-             pad_last: bool) -> list[tuple[int, int]]:
-    """(start, length) in samples of each segment; one whole-file segment when segment_seconds is None."""
+             pad_last: bool, keep_short: bool = False) -> list[tuple[int, int]]:
+    """(start, length) in samples of each segment; one whole-file segment when segment_seconds is None.
+    A file shorter than one segment gives one zero-padded segment with keep_short, none without."""
     if segment_seconds is None:
         return [(0, n_frames)]
     seg = int(round(segment_seconds * sr))
@@ -214,9 +239,13 @@ def segments(n_frames: int, sr: int, segment_seconds: float | None, hop_seconds:
     while start + seg <= n_frames:
         out.append((start, seg))
         start += hop
-    if pad_last and start < n_frames:
+    if (pad_last or (keep_short and not out)) and start < n_frames:
         out.append((start, seg))  # the tail, zero-padded to a full segment
     return out
+
+
+class TooShortError(AudioDecodeError):
+    """A file shorter than one segment, dropped as asked (short_files="drop")."""
 
 
 BLOCK_SECONDS = 10.0  # decode, mix and resample this much audio at a time
@@ -289,15 +318,17 @@ class _Growing:
 
 
 def load_segments(path: str | os.PathLike, *, sample_rate: int, mono: str, segment_seconds: float | None,
-                  hop_seconds: float | None, pad_last: bool) -> tuple[list[np.ndarray], list[tuple[int, int]], int, float]:
+                  hop_seconds: float | None, pad_last: bool,
+                  keep_short: bool = False) -> tuple[list[np.ndarray], list[tuple[int, int]], int, float]:
     """Decode (in blocks), mix, resample and cut one file: (segments [C, L] float32, their (start, valid length),
-    original rate, duration in seconds). Raises AudioDecodeError if nothing usable comes out."""
+    original rate, duration in seconds). Raises AudioDecodeError if nothing usable comes out (TooShortError
+    for a file shorter than one segment, unless keep_short)."""
     x, sr = decode_resampled(path, sample_rate=sample_rate, mono=mono)
     n = x.shape[1]
-    spans = segments(n, sample_rate, segment_seconds, hop_seconds, pad_last)
+    spans = segments(n, sample_rate, segment_seconds, hop_seconds, pad_last, keep_short)
     if not spans:
-        raise AudioDecodeError(f"{path}: {n / sample_rate:.3f} s is shorter than one segment of "
-                               f"{segment_seconds} s (set pad_last=True to keep it, zero-padded)")
+        raise TooShortError(f"{path}: {n / sample_rate:.3f} s is shorter than one segment of {segment_seconds} s "
+                            "(short_files='pad' keeps it, zero-padded, with its true duration)")
     out, valid = [], []
     for start, length in spans:
         seg = x[:, start:start + length]

@@ -36,6 +36,9 @@ from .writer import MODES, Writer
 DEFAULT_DEMO_DIR = "runs/demo/corpus"
 
 
+SHORT_FILES = ("pad", "drop")
+
+
 @dataclass(frozen=True)
 class AudioConfig:
     """How audio becomes the STFT's input; compared on resume like the StftConfig."""
@@ -45,8 +48,13 @@ class AudioConfig:
     segment_seconds: float | None = None
     segment_hop_seconds: float | None = None
     pad_last: bool = False
+    short_files: str = "pad"  # a file shorter than one segment: "pad" (one zero-padded item) or "drop"
 
     def __post_init__(self):
+        if self.short_files not in SHORT_FILES:
+            raise LmdbkitError(f"short_files={self.short_files!r} is unsupported. Supported policies are "
+                               f"{list(SHORT_FILES)}: 'pad' keeps a file shorter than one segment as one zero-padded "
+                               "item (its true duration in duration_s), 'drop' skips it with its reason")
         if self.mono not in audio.MONO_POLICIES:
             raise LmdbkitError(f"mono={self.mono!r} is unsupported. Supported policies are {list(audio.MONO_POLICIES)}")
         for name in ("segment_seconds", "segment_hop_seconds"):
@@ -72,9 +80,10 @@ class _Files(Dataset):
         try:
             segs, spans, sr, dur = audio.load_segments(self.root / s.path, sample_rate=c.sample_rate, mono=c.mono,
                                                        segment_seconds=c.segment_seconds,
-                                                       hop_seconds=c.segment_hop_seconds, pad_last=c.pad_last)
+                                                       hop_seconds=c.segment_hop_seconds, pad_last=c.pad_last,
+                                                       keep_short=c.short_files == "pad")
         except AudioDecodeError as exc:
-            return {"source": s, "error": str(exc)}
+            return {"source": s, "error": str(exc), "short": isinstance(exc, audio.TooShortError)}
         except Exception as exc:  # anything else a broken file provokes in a decoder
             return {"source": s, "error": f"{self.root / s.path}: {type(exc).__name__}: {exc}"}
         return {"source": s, "segments": segs, "spans": spans, "orig_sample_rate": sr, "duration_s": dur}
@@ -117,8 +126,8 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
                manifest: str | os.PathLike | None = None, demo_dir: str | os.PathLike = DEFAULT_DEMO_DIR,
                map_size_gb: float | None = None, max_size_gb: float | None = None,
                sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
-               segment_hop_seconds: float | None = None, pad_last: bool = False,
-               n_fft: int = 512, hop_length: int = 128, win_length: int | None = None, window: str = "hann",
+               segment_hop_seconds: float | None = None, pad_last: bool = False, short_files: str = "pad",
+               label_depth: int = 0, n_fft: int = 512, hop_length: int = 128, win_length: int | None = None, window: str = "hann",
                center: bool = True, output: str = "complex", dtype: str = "complex64",
                splits: dict[str, float] | None = None, split_seed: int = 0, num_workers: int = 2,
                batch_size: int = 16, device: str = "auto", limit: int | None = None, strict: bool = False,
@@ -135,7 +144,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     stft_cfg = StftConfig(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
                           window=window, center=center, output=output, dtype=dtype)
     audio_cfg = AudioConfig(sample_rate=sample_rate, mono=mono, segment_seconds=segment_seconds,
-                            segment_hop_seconds=segment_hop_seconds, pad_last=pad_last)
+                            segment_hop_seconds=segment_hop_seconds, pad_last=pad_last, short_files=short_files)
     splits = audio.check_splits(splits or audio.DEFAULT_SPLITS)
     if mode not in MODES:
         raise LmdbkitError(f"mode={mode!r} is unsupported. Supported modes are {list(MODES)}")
@@ -148,7 +157,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     shard_index, num_shards = _shard_from_env(shard_index, num_shards)
 
     root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir, n_per_class=demo_clips_per_class)
-    sources = audio.discover(root, manifest=manifest)
+    sources = audio.discover(root, manifest=manifest, label_depth=label_depth)
     if limit is not None:
         sources = sources[:limit]
     # a file whose name is not UTF-8 cannot be a key: skipped with its reason, like any bad file
@@ -174,7 +183,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     mine = [s for s in sources if num_shards == 1 or audio.shard_of(s.path, num_shards) == shard_index]
 
     settings = {"kind": "stft", "stft": stft_cfg.to_dict(), "audio": audio_cfg.__dict__.copy(),
-                "splits": splits, "split_seed": split_seed}
+                "splits": splits, "split_seed": split_seed, "label_depth": label_depth}
     writers: dict[str, Writer] = {}
     try:
         for split in splits:
@@ -192,6 +201,9 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
         stats["skipped"][:0] = bad_names
         summary = _summary(writers, root, out, stats, len(mine) - len(pending), time.perf_counter() - t_start,
                            stft_cfg, dev, shard_index, num_shards, num_workers)
+        summary.update(_label_counts(writers, mine, labels), label_depth=label_depth,
+                       short_files={"policy": short_files, "padded": stats["short_padded"],
+                                    "dropped": stats["short_dropped"]})
         for w in writers.values():
             w.set_metadata(summary=summary)
     except BaseException:
@@ -206,7 +218,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
 def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, num_workers, batch_size,
          strict, progress, done=None) -> dict:
     stats = {"files": 0, "items": 0, "audio_seconds": 0.0, "skipped": [], "stft_seconds": 0.0,
-             "write_seconds": 0.0, "wait_seconds": 0.0}
+             "write_seconds": 0.0, "wait_seconds": 0.0, "short_padded": 0, "short_dropped": 0}
     if not pending:
         return stats
     done = done or {}
@@ -230,6 +242,7 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
                                                "strict=False skips and reports bad files)")
                     reason = rec["error"].removeprefix(f"{root / rec['source'].path}: ")
                     stats["skipped"].append({"path": rec["source"].path, "reason": reason})
+                    stats["short_dropped"] += rec.get("short", False)
                 else:
                     good.append(rec)
             ts = time.perf_counter()
@@ -244,6 +257,8 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
                                 info={"duration_s": rec["duration_s"], "orig_sample_rate": rec["orig_sample_rate"]})
                 stats["files"] += 1
                 stats["items"] += n - done.get(s.path, 0)
+                seg = audio_cfg.segment_seconds
+                stats["short_padded"] += seg is not None and rec["duration_s"] < seg
                 stats["audio_seconds"] += rec["duration_s"]
                 rec["segments"] = None  # the decoded audio of a finished file can go
             elapsed = time.perf_counter() - ts
@@ -357,6 +372,20 @@ def _summary(writers, root, out, stats, resumed_files, elapsed, stft_cfg, dev, s
     }
 
 
+def _label_counts(writers, sources: list[audio.Source], labels: dict[str, int]) -> dict:
+    """Files and items per label over every split (this run's and earlier runs'), and the labels of the map
+    that have no item (e.g. a folder of files that all failed to decode)."""
+    label_of = {s.path: s.label_name for s in sources}
+    counts = {name: {"files": 0, "items": 0} for name in labels}
+    for s in sources:
+        counts.setdefault(s.label_name, {"files": 0, "items": 0})["files"] += 1
+    for w in writers.values():
+        for path, rec in w.sources().items():
+            if path in label_of and not rec.get("partial"):
+                counts[label_of[path]]["items"] += len(rec.get("items", []))
+    return {"labels": counts, "empty_labels": sorted(name for name, c in counts.items() if not c["items"])}
+
+
 def format_summary(summary: dict) -> str:
     """The end-of-run table: items, files, audio hours and bytes per split, and files skipped."""
     rows = [f"{'split':<10}{'files':>7}{'items':>8}{'audio h':>10}{'MiB':>10}"]
@@ -366,6 +395,15 @@ def format_summary(summary: dict) -> str:
     rate = summary.get("audio_seconds_per_second")
     rows.append(f"processed {summary['files_processed']} files this run ({summary['files_resumed']} already done)"
                 + (f", {rate:.0f} audio-seconds/s on {summary['device']}" if rate else ""))
+    if summary.get("labels"):
+        found = ", ".join(f"{name} ({c['files']} files, {c['items']} items)" for name, c in summary["labels"].items())
+        rows.append(f"labels (label_depth={summary.get('label_depth', 0)}): {found}")
+    if summary.get("empty_labels"):
+        rows.append(f"labels with no items (every file skipped): {', '.join(summary['empty_labels'])}")
+    short = summary.get("short_files")
+    if short and (short["padded"] or short["dropped"]):
+        rows.append(f"files shorter than one segment: {short['padded']} kept zero-padded, {short['dropped']} dropped "
+                    f"(short_files={short['policy']!r})")
     rows.append(f"skipped {len(summary['skipped'])} files" + (":" if summary["skipped"] else ""))
     rows += [f"  {s['path']}: {s['reason']}" for s in summary["skipped"]]
     return "\n".join(rows)
@@ -373,16 +411,16 @@ def format_summary(summary: dict) -> str:
 
 def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | os.PathLike = DEFAULT_DEMO_DIR,
                 manifest=None, sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
-                segment_hop_seconds: float | None = None, pad_last: bool = False, num_workers: int = 2,
-                batch_size: int = 16, limit: int | None = None) -> dict:
+                segment_hop_seconds: float | None = None, pad_last: bool = False, short_files: str = "pad",
+                label_depth: int = 0, num_workers: int = 2, batch_size: int = 16, limit: int | None = None) -> dict:
     """The decode stage alone (same loader, same workers, no STFT, no writing): audio-seconds per second.
 
     The ceiling for precompute on this machine; compare with a precompute summary's audio_seconds_per_second.
     """
     cfg = AudioConfig(sample_rate=sample_rate, mono=mono, segment_seconds=segment_seconds,
-                      segment_hop_seconds=segment_hop_seconds, pad_last=pad_last)
+                      segment_hop_seconds=segment_hop_seconds, pad_last=pad_last, short_files=short_files)
     root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir)
-    sources = audio.discover(root, manifest=manifest)[:limit]
+    sources = audio.discover(root, manifest=manifest, label_depth=label_depth)[:limit]
     loader = DataLoader(_Files(root, sources, cfg), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, worker_init_fn=die_with_parent,
                         prefetch_factor=4 if num_workers else None)
@@ -406,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--segment-seconds", type=float)
     ap.add_argument("--segment-hop-seconds", type=float)
     ap.add_argument("--pad-last", action="store_true")
+    ap.add_argument("--short-files", default="pad", choices=SHORT_FILES,
+                    help="a file shorter than one segment: pad (default: one zero-padded item) or drop")
+    ap.add_argument("--label-depth", type=int, default=0,
+                    help="which folder labels a file: 0 the first below --audio-dir (default), 1 the next, -1 its own")
     ap.add_argument("--n-fft", type=int, default=512)
     ap.add_argument("--hop-length", type=int, default=128)
     ap.add_argument("--win-length", type=int)

@@ -91,9 +91,9 @@ def test_discover_labels_from_class_folders_and_manifest(tmp_path):
     for rel in ("dog/a.wav", "dog/sub/b.flac", "cat/c.ogg", "top.wav", "cat/.hidden.wav", "cat/notes.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    found = audio.discover(tmp_path)
+    found = audio.discover(tmp_path)  # a file directly in audio_dir takes the folder's name (and is logged)
     assert [(s.path, s.label_name) for s in found] == [
-        ("cat/c.ogg", "cat"), ("dog/a.wav", "dog"), ("dog/sub/b.flac", "dog"), ("top.wav", "")]
+        ("cat/c.ogg", "cat"), ("dog/a.wav", "dog"), ("dog/sub/b.flac", "dog"), ("top.wav", tmp_path.name)]
     (tmp_path / "m.csv").write_text("path,label,split\ndog/a.wav,barks,test\ncat/c.ogg,meows,\n")
     m = audio.discover(tmp_path, manifest=tmp_path / "m.csv")
     assert [(s.path, s.label_name, s.split) for s in m] == [("cat/c.ogg", "meows", None), ("dog/a.wav", "barks", "test")]
@@ -102,6 +102,20 @@ def test_discover_labels_from_class_folders_and_manifest(tmp_path):
         audio.discover(tmp_path, manifest=tmp_path / "bad.csv")
     with pytest.raises(LmdbkitError, match="is not a folder"):
         audio.discover(tmp_path / "nope")
+
+
+def test_label_depth_picks_the_folder_level_of_nested_corpora(tmp_path, caplog):
+    for rel in ("speech/en/a.wav", "speech/en/b.wav", "speech/de/c.wav", "music/d.wav", "e.wav"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    labels = {d: {s.path: s.label_name for s in audio.discover(tmp_path, label_depth=d)} for d in (0, 1, -1)}
+    assert labels[0] == {"e.wav": tmp_path.name, "music/d.wav": "music", "speech/de/c.wav": "speech",
+                         "speech/en/a.wav": "speech", "speech/en/b.wav": "speech"}
+    assert labels[1] == labels[-1] == {"e.wav": tmp_path.name, "music/d.wav": "music", "speech/de/c.wav": "de",
+                                       "speech/en/a.wav": "en", "speech/en/b.wav": "en"}
+    assert "1 audio files lie directly in" in caplog.text and "1 audio files are not 2 folders deep" in caplog.text
+    with pytest.raises(LmdbkitError, match=r"label_depth=-2: give 0"):
+        audio.discover(tmp_path, label_depth=-2)
 
 
 def test_label_map_is_stable():

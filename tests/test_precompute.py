@@ -293,3 +293,45 @@ def test_long_source_commits_in_parts_and_resumes_where_it_stopped(tmp_path):
         assert w.has_source("long.wav") and w.source_progress("long.wav") == 100
     with lmdbkit.Reader(path) as r:
         assert [int(s["x"][0]) for s in r] == list(range(100))
+
+
+def _keyword_corpus(root):
+    """Laid out as public corpora are: speech/<language>/<word>.wav with sub-second clips, a folder whose files
+    all fail to decode, and a stray file directly in the corpus folder."""
+    t = np.arange(int(16000 * 0.98)) / 16000
+    for lang, f0 in (("en", 300), ("de", 500)):
+        (root / "speech" / lang).mkdir(parents=True)
+        for i in range(6):
+            secs = 0.98 if i < 4 else 2.0  # four one-second keyword clips, just short of a segment; two long
+            tt = np.arange(int(16000 * secs)) / 16000
+            sf.write(root / "speech" / lang / f"w{i}.wav", (0.3 * np.sin(2 * np.pi * f0 * tt)).astype(np.float32), 16000)
+    (root / "speech" / "bad").mkdir()
+    for i in range(2):
+        (root / "speech" / "bad" / f"x{i}.wav").write_bytes(b"RIFF....not audio")
+    sf.write(root / "stray.wav", (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    return root
+
+
+def test_nested_corpus_labels_short_clips_and_empty_classes(tmp_path, caplog):
+    root = _keyword_corpus(tmp_path / "kw")
+    split = {"splits": {"train": 1.0}}
+    s = precompute(root, output_dir=tmp_path / "out", segment_seconds=1.0, label_depth=1, **split, **FAST)
+    with lmdbkit.Reader(tmp_path / "out" / "train.lmdb") as r:
+        items = {it["path"]: it for it in r}
+        labels = r.metadata["labels"]
+    assert set(labels) == {"en", "de", "bad", "kw"}  # speech/<language>: the level asked for; the stray file: "kw"
+    assert len(items) == 13 and items["speech/de/w0.wav"]["label_name"] == "de"
+    short = items["speech/en/w1.wav"]  # a 0.98 s clip is kept, zero-padded to one segment, its true length kept
+    assert short["duration_s"] == pytest.approx(0.98) and short["stft"].shape == items["speech/en/w5.wav"]["stft"].shape
+    assert s["short_files"] == {"policy": "pad", "padded": 9, "dropped": 0}
+    assert s["labels"]["en"] == {"files": 6, "items": 8} and s["labels"]["bad"] == {"files": 2, "items": 0}
+    assert s["empty_labels"] == ["bad"] and s["label_depth"] == 1
+    text = format_summary(s)
+    assert "labels with no items (every file skipped): bad" in text and "9 kept zero-padded, 0 dropped" in text
+    assert "de (6 files, 8 items)" in text and "lie directly in" in caplog.text
+    d = precompute(root, output_dir=tmp_path / "drop", segment_seconds=1.0, label_depth=1, short_files="drop",
+                   **split, **FAST)
+    assert d["short_files"] == {"policy": "drop", "padded": 0, "dropped": 9} and d["items_written"] == 8
+    assert sum("shorter than one segment" in x["reason"] for x in d["skipped"]) == 9
+    with pytest.raises(LmdbkitError, match=r"short_files='trim' is unsupported"):
+        precompute(root, output_dir=tmp_path / "x", short_files="trim", **FAST)
