@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -111,6 +112,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
     bar = tqdm(total=steps, desc=f"train (rank {rank})" if world > 1 else "train", disable=not progress or rank != 0,
                dynamic_ncols=True)
     losses: list[float] = []
+    label_counts = torch.zeros(n_classes, dtype=torch.long, device=dev)  # for the loss of ignoring the input
     epoch_indices: list[list[int]] = []
     step, epoch, samples, wait, t0 = 0, 0, 0, 0.0, time.perf_counter()
     stop = False
@@ -132,6 +134,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            label_counts += torch.bincount(y, minlength=n_classes)
             samples += len(y)
             step += 1
             bar.update(1)
@@ -159,6 +162,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
         "first_loss": float(np.mean(losses[:log_every])), "final_loss": float(np.mean(losses[-log_every:])),
         "losses": losses, "val_items": int(total), "val_accuracy": correct / max(total, 1),
         "chance": float(val_counts.max() / max(total, 1)) if total else 1.0 / n_classes,
+        "train_label_entropy": _entropy(label_counts.cpu()),
         "n_classes": n_classes, "labels": labels, "confusion": per_class.tolist(), "model_checksum": model_checksum(raw),
         "seed": seed,
     }
@@ -204,19 +208,63 @@ def split_paths(data_dir: str | os.PathLike, split: str) -> list[str]:
     return shards
 
 
-def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_ratio: float = 0.7) -> None:
-    """Fail loudly (LmdbkitError) unless the loss fell and validation accuracy beat chance by the margin."""
-    problems = []
-    if not result["final_loss"] < max_loss_ratio * result["first_loss"]:
-        problems.append(f"the loss did not fall enough: {result['first_loss']:.3f} -> {result['final_loss']:.3f} "
-                        f"(needs < {max_loss_ratio} x the first)")
-    if not result["val_accuracy"] >= result["chance"] + min_accuracy_margin:
-        problems.append(f"validation accuracy {result['val_accuracy']:.3f} does not beat chance "
-                        f"{result['chance']:.3f} by {min_accuracy_margin}")
-    if result["val_items"] == 0:
+def _entropy(counts: torch.Tensor) -> float:
+    """The entropy (nats) of the labels' distribution: the lowest cross-entropy loss of a model that ignores its
+    input and predicts the class shares."""
+    p = counts.double() / max(int(counts.sum()), 1)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of correct/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+MIN_VAL_ITEMS = 50  # below this, the 95% interval of a validation accuracy is wider than about +-0.14: noise
+
+
+def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_ratio: float = 0.7,
+                 min_val_items: int = MIN_VAL_ITEMS) -> str:
+    """The verdict, with what it rests on; LmdbkitError (the same text) if the model did not learn.
+
+    The loss must fall (below ``max_loss_ratio`` x its start). With at least ``min_val_items`` validation items,
+    validation accuracy must beat chance (the largest class's share) by ``min_accuracy_margin``. With fewer (a
+    small corpus), validation accuracy is noise, so the verdict rests on the training loss instead: it must be
+    below ``max_loss_ratio`` x the loss of a model that ignores its input (the entropy of the training labels),
+    which only a model that reads its spectrograms can reach.
+    """
+    problems, basis = [], []
+    first, final, n = result["first_loss"], result["final_loss"], result["val_items"]
+    if not final < max_loss_ratio * first:
+        problems.append(f"the loss did not fall enough: {first:.3f} -> {final:.3f} (needs < {max_loss_ratio} x the "
+                        "first)")
+    acc, chance = result["val_accuracy"], result["chance"]
+    lo, hi = wilson_interval(round(acc * n), n)
+    if n == 0:
         problems.append("the validation split is empty")
+    elif n >= min_val_items:
+        line = f"validation accuracy {acc:.3f} on {n} items against chance {chance:.3f} (needs + {min_accuracy_margin})"
+        (basis if acc >= chance + min_accuracy_margin else problems).append(line)
+    else:
+        prior = result.get("train_label_entropy")
+        basis.append(f"validation has only {n} items (fewer than {min_val_items}): its accuracy {acc:.3f} (95% "
+                     f"interval {lo:.2f}-{hi:.2f}, chance {chance:.3f}) cannot tell learning from luck, so the verdict "
+                     "rests on the training loss")
+        if prior is None:
+            problems.append("no training-label entropy recorded to judge a small validation split by")
+        else:
+            line = (f"final training loss {final:.3f} against {prior:.3f} for a model that ignores its input (the "
+                    f"entropy of the training labels; needs < {max_loss_ratio} x)")
+            (basis if final < max_loss_ratio * prior else problems).append(line)
     if problems:
-        raise LmdbkitError("train smoke test failed:\n  " + "\n  ".join(problems))
+        raise LmdbkitError("train smoke test failed:\n  " + "\n  ".join(problems + basis))
+    return "train smoke test passed: the loss fell " + f"{first:.3f} -> {final:.3f}; " + "; ".join(basis)
 
 
 def main(argv: list[str] | None = None) -> int:
