@@ -343,3 +343,17 @@ def test_labels_sliced_from_batches_are_indexed_as_their_values(tmp_path):
     assert index.query(path2, label=2) == [2]
     p = _lmdbkit("index", path2, "nosuch")
     assert p.returncode != 0 and "NoneType" not in p.stderr and "'nosuch' is not a field" in p.stderr
+
+
+def test_pt_batches_with_labels_sliced_from_a_batch_tensor_convert_indexed(tmp_path):
+    """The per-batch workflow saved lists of samples whose label is labels[i], a 0-d tensor."""
+    src = tmp_path / "pt"
+    src.mkdir()
+    labels = torch.tensor([0, 1, 2, 1, 0, 2])
+    for b in range(2):
+        torch.save([{"stft": torch.randn(4, 5), "label": labels[3 * b + i],
+                     "metadata": {"category": "AB"[i % 2]}} for i in range(3)], src / f"batch_{b}.pt")
+    convert.from_pt_dir(src, tmp_path / "pt.lmdb", index_fields=("label", "category"), progress=False)
+    with lmdbkit.Reader(tmp_path / "pt.lmdb") as r:
+        assert r.index_fields == ["label", "metadata.category"]
+        assert r.query(label=1) == [1, 3] and r.query(category="B") == [1, 4]
