@@ -184,6 +184,12 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
 
     settings = {"kind": "stft", "stft": stft_cfg.to_dict(), "audio": audio_cfg.__dict__.copy(),
                 "splits": splits, "split_seed": split_seed, "label_depth": label_depth}
+    # databases written before these settings existed labelled by the first folder and dropped short files:
+    # recorded only when they differ from that, such a run still resumes with the same behaviour asked for
+    if label_depth == 0:
+        del settings["label_depth"]
+    if short_files == "drop":
+        del settings["audio"]["short_files"]
     writers: dict[str, Writer] = {}
     try:
         for split in splits:

@@ -335,3 +335,17 @@ def test_nested_corpus_labels_short_clips_and_empty_classes(tmp_path, caplog):
     assert sum("shorter than one segment" in x["reason"] for x in d["skipped"]) == 9
     with pytest.raises(LmdbkitError, match=r"short_files='trim' is unsupported"):
         precompute(root, output_dir=tmp_path / "x", short_files="trim", **FAST)
+
+
+def test_run_started_before_label_depth_and_short_files_existed_resumes(corpus, tmp_path):
+    """A database whose settings predate label_depth and short_files resumes when asked for the same behaviour."""
+    out = tmp_path / "out"
+    precompute(corpus, output_dir=out, limit=8, short_files="drop", **FAST)
+    for p in out.glob("*.lmdb"):  # as an older lmdbkit recorded it
+        with lmdbkit.Reader(p) as r:
+            assert "label_depth" not in r.metadata and "short_files" not in r.metadata["audio"]
+    s = precompute(corpus, output_dir=out, short_files="drop", **FAST)  # resumes: only the new files
+    assert 0 < s["files_resumed"] <= 8 and s["files_processed"] > 0
+    assert s["files_resumed"] + s["files_processed"] + len(s["skipped"]) == len(audio.discover(corpus))
+    with pytest.raises(ConfigMismatchError, match="short_files"):
+        precompute(corpus, output_dir=out, **FAST)  # short files now kept: not the same run
