@@ -235,9 +235,10 @@ def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_rat
 
     The loss must fall (below ``max_loss_ratio`` x its start). With at least ``min_val_items`` validation items,
     validation accuracy must beat chance (the largest class's share) by ``min_accuracy_margin``. With fewer (a
-    small corpus), validation accuracy is noise, so the verdict rests on the training loss instead: it must be
-    below ``max_loss_ratio`` x the loss of a model that ignores its input (the entropy of the training labels),
-    which only a model that reads its spectrograms can reach.
+    small corpus), it is enough that the accuracy's 95% interval lies above chance; when it does not, that
+    accuracy is noise and the verdict rests on the training loss instead: it must be below ``max_loss_ratio`` x
+    the loss of a model that ignores its input (the entropy of the training labels), which only a model that
+    reads its spectrograms can reach.
     """
     problems, basis = [], []
     first, final, n = result["first_loss"], result["final_loss"], result["val_items"]
@@ -251,6 +252,9 @@ def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_rat
     elif n >= min_val_items:
         line = f"validation accuracy {acc:.3f} on {n} items against chance {chance:.3f} (needs + {min_accuracy_margin})"
         (basis if acc >= chance + min_accuracy_margin else problems).append(line)
+    elif lo > chance:  # even so few items show learning: the low end of the accuracy's interval clears chance
+        basis.append(f"validation accuracy {acc:.3f} on only {n} items, but its 95% interval {lo:.2f}-{hi:.2f} lies "
+                     f"above chance {chance:.3f}")
     else:
         prior = result.get("train_label_entropy")
         basis.append(f"validation has only {n} items (fewer than {min_val_items}): its accuracy {acc:.3f} (95% "
