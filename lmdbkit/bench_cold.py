@@ -112,16 +112,16 @@ class PreadLimit:
 
 
 def _loader(method: str, paths: dict[str, Path], indices: list[int], workers: int, batch: int):
-    """A shuffled DataLoader over ``indices``: lmdbkit's (its Dataset with prebatch, its collate) or the older
-    way's (pickle-in-LMDB's Dataset, default collate)."""
+    """A shuffled DataLoader over the items ``indices``: lmdbkit's as a user makes it (create_data_loader over its
+    Dataset, prebatched) or the older way's (pickle-in-LMDB's Dataset, a plain DataLoader, default collate)."""
     import torch
-    from torch.utils.data import DataLoader, SubsetRandomSampler
-    from .dataset import LMDBDataset, collate
-    order = SubsetRandomSampler(indices, generator=torch.Generator().manual_seed(0))
+    from torch.utils.data import DataLoader, Subset
+    from .dataset import LMDBDataset, create_data_loader
     if method == "lmdbkit":
-        return DataLoader(LMDBDataset(paths["lmdbkit"], prebatch=True), batch_size=batch, sampler=order,
-                          num_workers=workers, collate_fn=collate)
-    return DataLoader(PickleLmdb(paths["pickle_lmdb"]), batch_size=batch, sampler=order, num_workers=workers)
+        return create_data_loader(Subset(LMDBDataset(paths["lmdbkit"], prebatch=True), indices), batch_size=batch,
+                                  shuffle=True, num_workers=workers, persistent_workers=False)
+    return DataLoader(Subset(PickleLmdb(paths["pickle_lmdb"]), indices), batch_size=batch, shuffle=True,
+                      num_workers=workers, generator=torch.Generator().manual_seed(0))
 
 
 def _epoch(loader) -> float:
@@ -134,8 +134,7 @@ def _epoch(loader) -> float:
         items += len(next(iter(b.values())))
     dt = time.perf_counter() - t0
     del it
-    if hasattr(loader.dataset, "close"):
-        loader.dataset.close()
+    loader.dataset.dataset.close()  # the Subset's dataset
     return items / dt
 
 
@@ -171,8 +170,10 @@ def bench_cold(workdir: Path, *, gb: float = 0.25, reads: int = 512, epoch_items
     batched = rng.integers(0, n, max(batch, reads // batch * batch)).tolist()
     epoch = rng.permutation(n)[:min(n, epoch_items)].tolist()
 
+    dropped = []
+
     def drop():  # every file of every method, so no method reads another's leftovers from the cache
-        return all([drop_page_cache(p) for p in paths.values()])
+        dropped.append(all([drop_page_cache(p) for p in paths.values()]))
 
     readers = {
         "lmdbkit": lambda: Reader(paths["lmdbkit"], decode_to="torch"),
@@ -187,16 +188,14 @@ def bench_cold(workdir: Path, *, gb: float = 0.25, reads: int = 512, epoch_items
                                                 "pt_batches")]
     plan = [(mode, m, order[:PT_MAX_ITEMS] if m == "pt_batches" else order) for mode, m, order in plan if m in readers]
     got: dict[tuple[str, str], list] = {}
-    dropped = True
     for _ in range(rounds):
         for mode, method, order in plan:
-            dropped &= drop()
             got.setdefault((mode, method), []).append(_timed(mode, readers[method], order, batch, drop))
-        dropped &= drop()  # the DataLoader's limit: the same items, 16 threads reading each batch
+        # the DataLoader's limit: the same items, 16 threads reading each batch
         got.setdefault(("dataloader", "pread_16threads"), []).append(
             _timed("batch64", readers["pread_16threads"], epoch, batch, drop))
         for method in ("lmdbkit", "pickle_lmdb"):
-            dropped &= drop()
+            drop()
             got.setdefault(("dataloader", method), []).append(
                 tuple(_epoch(_loader(method, paths, epoch, workers, batch)) for _ in ("cold", "warm")))
     res = []
@@ -204,7 +203,7 @@ def bench_cold(workdir: Path, *, gb: float = 0.25, reads: int = 512, epoch_items
         for i, temp in enumerate(("cold", "warm")):
             ips = float(np.median([r[i] for r in runs]))
             extra = {"MiB/s": ips * item_mib, "items": n, "item_MiB": item_mib, "rounds": rounds,
-                     "fadvise_dontneed": dropped}
+                     "fadvise_dontneed": all(dropped)}
             if mode == "dataloader":
                 extra.update(num_workers=workers if method != "pread_16threads" else 0, batch_size=batch)
             res.append(Result(f"{temp}_{mode}", KIND, method, ips, "items/s", extra))

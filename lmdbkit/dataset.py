@@ -15,7 +15,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from . import codec, store
 from .errors import DamagedDatabaseError, LmdbkitError
-from .reader import MultiReader, Reader
+from .reader import MultiReader, Reader, by_reader
 
 
 class LMDBDataset(Dataset):
@@ -118,12 +118,8 @@ class LMDBDataset(Dataset):
     def _raw_bufs(located: list[tuple[Reader, int]], stack) -> list:
         """The stored bytes of each (reader, index), one transaction per reader (kept open by ``stack``),
         each reader's reads requested together."""
-        groups: dict[int, list[int]] = {}
-        for pos, (r, _) in enumerate(located):
-            groups.setdefault(id(r), []).append(pos)
         bufs: list = [None] * len(located)
-        for positions in groups.values():
-            r = located[positions[0]][0]
+        for r, positions in by_reader(located):
             txn = stack.enter_context(r._txn())
             for pos, buf in zip(positions, r._raw_many(txn, [located[p][1] for p in positions])):
                 bufs[pos] = buf

@@ -370,10 +370,10 @@ class Reader:
         result: set[int] | None = None
         with self._txn() as txn:
             for field, value in conditions.items():
-                d = self._index_db(field)
-                cur = txn.cursor(db=d)
+                name = self.index_name(field)
+                cur = txn.cursor(db=self._index_db(name))
                 found: set[int] = set()
-                if cur.set_key(index_value(value, field=self.index_name(field))):
+                if cur.set_key(index_value(value, field=name)):
                     found = set(map(store.unpack_index, cur.iternext_dup()))
                 result = found if result is None else result & found
         return sorted(result or ())
@@ -395,6 +395,14 @@ class Reader:
     def __repr__(self) -> str:
         kind = "legacy pickle" if self.legacy else ("complete" if self._meta.get("complete") else "incomplete")
         return f"<lmdbkit.Reader {self.path!r} items={len(self)} {kind}>"
+
+
+def by_reader(located: list[tuple[Reader, int]]) -> list[tuple[Reader, list[int]]]:
+    """For (reader, index) pairs: each reader touched, in first-use order, with the positions of its pairs."""
+    groups: dict[int, tuple[Reader, list[int]]] = {}
+    for pos, (r, _) in enumerate(located):
+        groups.setdefault(id(r), (r, []))[1].append(pos)
+    return list(groups.values())
 
 
 def _key_or_index(k, path: str) -> str | int:
@@ -456,14 +464,10 @@ class MultiReader:
 
     def read_many(self, indices) -> list[dict]:
         """Items by global index, in the order asked: one read transaction per database touched."""
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for pos, i in enumerate(indices):
-            reader, j = self.locate(i)
-            groups.setdefault(id(reader), []).append((pos, j))
-        out: list = [None] * sum(len(g) for g in groups.values())
-        by_id = {id(r): r for r in self.readers}
-        for rid, pairs in groups.items():
-            for (pos, _), sample in zip(pairs, by_id[rid].read_many(j for _, j in pairs)):
+        located = [self.locate(i) for i in indices]
+        out: list = [None] * len(located)
+        for reader, positions in by_reader(located):
+            for pos, sample in zip(positions, reader.read_many([located[p][1] for p in positions])):
                 out[pos] = sample
         return out
 

@@ -507,7 +507,7 @@ class Writer:
             field = resolve_field(first, field, where=self.path)
         if field in self.index_fields:
             return 0
-        d = self._h.db(store.index_db_name(field), create=True, dupsort=True, dupfixed=True)
+        d = self._index_db(field)
         from tqdm.auto import tqdm
         entries: list[tuple[bytes, bytes]] = []
         written = 0
@@ -557,7 +557,6 @@ class Writer:
             bar.update(len(entries))
             flush()
         bar.close()
-        self._index[field] = d
         self.index_fields = (*self.index_fields, field)
         self.meta["index_fields"] = list(self.index_fields)
         self.commit()
