@@ -133,12 +133,14 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
                batch_size: int = 16, device: str = "auto", limit: int | None = None, strict: bool = False,
                mode: str = "append", shard_index: int | None = None, num_shards: int | None = None,
                index_fields: Iterable[str] = ("label", "label_name"), durable: bool = True,
-               demo_clips_per_class: int = 40, progress: bool = True) -> dict[str, Any]:
+               commit_items: int = 1000, demo_clips_per_class: int = 40, progress: bool = True) -> dict[str, Any]:
     """Audio folder -> ``<output_dir>/<split>.lmdb``. Returns the run's summary (also stored in each database).
 
     With no ``audio_dir`` the embedded demo corpus is generated into ``demo_dir`` and used. ``mode``:
     "append" (default: create, or resume an earlier run with the same settings), "overwrite" (start over)
-    or "create" (refuse existing databases). See the parameters cell of notebooks/precompute.ipynb.
+    or "create" (refuse existing databases). Files are committed whole, at least every ``commit_items``
+    items (or 64 MiB): a run killed at any moment loses at most that much work and resumes where it stopped.
+    See the parameters cell of notebooks/precompute.ipynb.
     """
     t_start = time.perf_counter()
     stft_cfg = StftConfig(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
@@ -194,7 +196,8 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     try:
         for split in splits:
             w = Writer(out / db_name(split, shard_index, num_shards), mode=mode, map_size_gb=map_size_gb,
-                       max_size_gb=max_size_gb, metadata=settings, index_fields=tuple(index_fields), durable=durable)
+                       max_size_gb=max_size_gb, metadata=settings, index_fields=tuple(index_fields), durable=durable,
+                       commit_items=commit_items)
             writers[split] = w
             w.set_metadata(labels=labels, shard={"index": shard_index, "count": num_shards})
         pending = [s for s in mine if not writers[split_of[s.path]].has_source(s.path)]
@@ -472,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-index", type=int)
     ap.add_argument("--num-shards", type=int)
     ap.add_argument("--demo-clips-per-class", type=int, default=40)
+    ap.add_argument("--commit-items", type=int, default=1000,
+                    help="commit at least every N items: a killed run loses at most this much work")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     a = vars(ap.parse_args(argv))
     try:

@@ -167,7 +167,7 @@ def test_killed_run_resumes_to_exactly_once(corpus, tmp_path):
     out = tmp_path / "o"
     for attempt in range(20):  # kill at a moment when some but not all files are committed
         proc = subprocess.Popen(_cli("--audio-dir", corpus, "--output-dir", out, "--batch-size", "1",
-                                     "--num-workers", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     "--num-workers", "1", "--commit-items", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
