@@ -42,18 +42,23 @@ _EXT_ARRAY = 1
 MAX_DEPTH = 64  # nesting of metadata lists/dicts, checked when writing and when reading
 DecodeTo = Literal["auto", "numpy", "torch"]
 DECODE_TO = ("auto", "numpy", "torch")
+# how a stored complex32 array is read: as complex64 (one widening copy), or as its float16 pairs [..., 2]
+# (half the bytes, e.g. to move to the GPU and widen there; torch.view_as_complex(x.float()) makes it complex)
+COMPLEX32 = ("complex64", "pairs")
 
 # kind of an array value: how it was given, so that "auto" decoding gives the same kind back
 KIND_NUMPY, KIND_TORCH, KIND_NUMPY_SCALAR = 0, 1, 2
 
-# dtype codes; bfloat16 is stored as its raw 16 bits
+# dtype codes; bfloat16 is stored as its raw 16 bits, complex32 (torch.complex32) as float16 real and
+# imaginary parts, read back as complex64 (COMPLEX32 chooses)
 DTYPES = (
     "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
-    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128", "complex32",
 )
 _CODE = {name: code for code, name in enumerate(DTYPES, start=1)}
 _NAME = {code: name for name, code in _CODE.items()}
-_STORAGE = {name: np.dtype("<u2" if name == "bfloat16" else name).newbyteorder("<") for name in DTYPES}
+_RAW = {"bfloat16": "<u2", "complex32": "<u4"}  # numpy has neither: their bits, copied whole
+_STORAGE = {name: np.dtype(_RAW.get(name, name)).newbyteorder("<") for name in DTYPES}
 _STORAGE["bool"] = np.dtype(bool)
 _ITEMSIZE = {name: dt.itemsize for name, dt in _STORAGE.items()}
 _LITTLE = sys.byteorder == "little"
@@ -98,7 +103,7 @@ def _torch():
     return sys.modules.get("torch")
 
 
-_NATIVE_NAMES = {np.dtype(n): n for n in DTYPES if n != "bfloat16"}
+_NATIVE_NAMES = {np.dtype(n): n for n in DTYPES if n not in _RAW}
 
 
 def _as_numpy(value: Any, field: str) -> tuple[np.ndarray, str, int] | None:
@@ -142,6 +147,9 @@ def _tensor_as_numpy(value, field: str, torch) -> tuple[np.ndarray, str, int]:
         if name not in _CODE:
             raise EncodeError(f"field {field!r}: dtype {value.dtype} is unsupported. Supported dtypes are {list(DTYPES)}")
         _TORCH_NAMES[value.dtype] = name
+    if name == "complex32":
+        t = value.detach().cpu().resolve_conj().contiguous()
+        return torch.view_as_real(t).numpy().view("<u4")[..., 0], name, KIND_TORCH
     if name != "bfloat16":
         try:  # the common case: a CPU tensor without grad, conj or neg bits
             arr = value.numpy()
@@ -382,7 +390,8 @@ def _check_array_slowly(field, kind, dcode, ccode, off, n, shape, payload: int) 
 
 
 def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
-           out: dict[str, np.ndarray] | None = None, parsed: tuple | None = None) -> tuple[str | None, dict]:
+           out: dict[str, np.ndarray] | None = None, parsed: tuple | None = None,
+           complex32: str = "complex64") -> tuple[str | None, dict]:
     """Decode one item into (key, sample). ``buf`` may be bytes or a memoryview into a memory map.
 
     decode_to: "auto" gives back the kind that was written (torch tensor or numpy array; numpy when torch
@@ -391,6 +400,7 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
     out: destinations for top-level array fields (C-contiguous numpy arrays, e.g. views into one batch
     tensor): those arrays are copied there (still one copy) and the field holds the destination.
     parsed: what ``parse(buf)`` returned for this buffer, if the caller already has it (it is consumed).
+    complex32: complex32 arrays come back as "complex64" or as their float16 "pairs" (see COMPLEX32).
     """
     buf = memoryview(buf)
     start, stored, key, fields, arrays = parse(buf) if parsed is None else parsed
@@ -404,11 +414,11 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
     try:
         for name, kind, dname, ccode, off, n, shape, nbytes in arrays:
             fields[name] = _array(buf, start, stored, verify, kind, dname, ccode, off, n, shape, nbytes, decode_to,
-                                  torch, None if out is None else out.get(name))
+                                  torch, None if out is None else out.get(name), complex32)
         for name, value in fields.items():
             t = type(value)
             if t is list or t is dict or t is msgpack.ExtType:
-                fields[name] = _walk(value, _Ctx(buf, start, stored, verify, decode_to, torch), 0)
+                fields[name] = _walk(value, _Ctx(buf, start, stored, verify, decode_to, torch, complex32), 0)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
         if isinstance(exc, LmdbkitError):
             raise
@@ -417,11 +427,11 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
 
 
 class _Ctx:
-    __slots__ = ("buf", "start", "stored", "verified", "decode_to", "torch")
+    __slots__ = ("buf", "start", "stored", "verified", "decode_to", "torch", "complex32")
 
-    def __init__(self, buf, start, stored, verified, decode_to, torch):
+    def __init__(self, buf, start, stored, verified, decode_to, torch, complex32):
         self.buf, self.start, self.stored, self.verified = buf, start, stored, verified
-        self.decode_to, self.torch = decode_to, torch
+        self.decode_to, self.torch, self.complex32 = decode_to, torch, complex32
 
 
 def _walk(value, ctx: _Ctx, depth: int):
@@ -450,10 +460,18 @@ def _ext_array(ext, ctx: _Ctx):
         raise _corrupt(f"array descriptor of {len(data)} bytes does not fit ndim={ndim}")
     shape = list(_SHAPES[ndim].unpack_from(data, _ARRAY.size))
     _, *checked = check_array("", kind, dcode, ccode, off, n, shape, len(ctx.buf) - ctx.start)
-    return _array(ctx.buf, ctx.start, ctx.stored, True, *checked, ctx.decode_to, ctx.torch)
+    return _array(ctx.buf, ctx.start, ctx.stored, True, *checked, ctx.decode_to, ctx.torch, None, ctx.complex32)
 
 
-def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbytes, decode_to, torch, dest=None):
+def decoded_dtype(name: str, shape: tuple, complex32: str = "complex64") -> tuple[str, tuple]:
+    """(dtype name, shape) of a stored array as decode returns it."""
+    if name != "complex32":
+        return name, shape
+    return ("complex64", shape) if complex32 == "complex64" else ("float16", (*shape, 2))
+
+
+def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbytes, decode_to, torch, dest=None,
+           complex32="complex64"):
     """One array from the payload (its descriptor already checked by check_array): exactly one copy out of ``buf``."""
     dt = _STORAGE[name]
     raw = buf[start + off:start + off + n]
@@ -467,6 +485,8 @@ def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbyte
             raise _corrupt(f"cannot decompress array: {exc}") from exc
         if len(raw) != nbytes:
             raise _corrupt(f"array of shape {shape} {name} needs {nbytes} bytes, found {len(raw)}")
+    if name == "complex32":
+        return _complex32(raw, shape, kind, decode_to, torch, dest, complex32)
     if dest is not None:
         if dest.shape != shape or dest.dtype.itemsize != dt.itemsize or not dest.flags.c_contiguous:
             raise LmdbkitError(f"decode destination of shape {dest.shape} {dest.dtype} does not fit the stored "
@@ -476,6 +496,22 @@ def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbyte
         return dest
     arr = np.ndarray(shape, dt, raw).copy() if nbytes else np.empty(shape, dt)  # the one copy
     return _finish(arr, name, kind, decode_to, torch)
+
+
+def _complex32(raw, shape: tuple, kind: int, decode_to: str, torch, dest, complex32: str):
+    """A stored complex32 array as complex64 (the widening is the one copy) or as its float16 pairs."""
+    if complex32 not in COMPLEX32:
+        raise LmdbkitError(f"complex32={complex32!r} is unsupported. Supported values are {list(COMPLEX32)}")
+    pairs = np.ndarray((*shape, 2), np.dtype("<f2"), raw)
+    name, want = decoded_dtype("complex32", shape, complex32)
+    given = dest is not None
+    if not given:
+        dest = np.empty(want, name)
+    elif dest.shape != want or dest.dtype != np.dtype(name) or not dest.flags.c_contiguous:
+        raise LmdbkitError(f"decode destination of shape {dest.shape} {dest.dtype} does not fit the stored "
+                           f"complex32 array of shape {shape} read as {complex32}")
+    np.copyto(dest.reshape(-1).view(np.float32).reshape(pairs.shape) if name == "complex64" else dest, pairs)
+    return dest if given else _finish(dest, name, kind, decode_to, torch)
 
 
 def _finish(arr: np.ndarray, name: str, kind: int, decode_to: str, torch) -> Any:

@@ -30,9 +30,11 @@ class LMDBDataset(Dataset):
 
     def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *,
                  transform: Callable[[dict], Any] | None = None, decode_to: codec.DecodeTo = "torch",
-                 verify: bool = True, allow_pickle: bool = False, max_readers: int = 126, prebatch: bool = False):
+                 verify: bool = True, allow_pickle: bool = False, max_readers: int = 126, prebatch: bool = False,
+                 complex32: str = "complex64"):
         self.source = MultiReader(paths, decode_to=decode_to, verify=verify, allow_pickle=allow_pickle,
-                                  max_readers=max_readers)
+                                  max_readers=max_readers, complex32=complex32)
+        self.complex32 = complex32
         self.paths, self.readers = self.source.paths, self.source.readers
         self.transform = transform
         if prebatch and (transform is not None or decode_to != "torch" or allow_pickle):
@@ -99,15 +101,17 @@ class LMDBDataset(Dataset):
                 if {d[0]: (d[1], d[2], d[3], d[6]) for d in head[4]} != first:
                     return None  # shapes or dtypes differ within the batch
             in_worker = torch.utils.data.get_worker_info() is not None
-            outs = {name: _batch_tensor(getattr(torch, dname), (len(indices), *shape), shared=in_worker)
-                    for name, (_kind, dname, _ccode, shape) in first.items()}
+            outs = {}
+            for name, (_kind, dname, _ccode, shape) in first.items():
+                dname, shape = codec.decoded_dtype(dname, shape, self.complex32)
+                outs[name] = _batch_tensor(getattr(torch, dname), (len(indices), *shape), shared=in_worker)
             views = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in outs.items()}
             order = list(heads[0][3])  # the fields in their stored order
             metas = []
             for b, (buf, head, (r, j)) in enumerate(zip(bufs, heads, located)):
                 try:
                     _, fields = codec.decode(buf, decode_to="numpy", verify=r.verify, parsed=head,
-                                             out={name: v[b] for name, v in views.items()})
+                                             out={name: v[b] for name, v in views.items()}, complex32=self.complex32)
                 except codec.CorruptItemError as exc:
                     raise exc.at(r.path, j) from exc
                 metas.append({k: v for k, v in fields.items() if k not in outs})
@@ -230,11 +234,14 @@ class Compose(LMDBDataTransform):
 
 
 SPEC_OUTPUTS = ("db", "magnitude", "power")
+STORED = ("complex", "magnitude", "power", "db", "mel", "log_mel", "mfcc")
 
 
 class ToSpectrogram(LMDBDataTransform):
-    """A stored STFT field (complex, or already magnitude/power/db per the database's StftConfig) as a
-    float32 ``output`` spectrogram ("db", "magnitude" or "power"), with a channel axis: [C, freqs, frames]."""
+    """A stored spectrogram field as a float32 ``output`` spectrogram ("db", "magnitude" or "power"), with a
+    channel axis: [C, rows, frames]. ``stored`` is the database's StftConfig output: a complex STFT (also
+    complex32, or its float16 pairs), magnitude, power or db, or mel bands (mel, log_mel: their power or
+    dB); MFCCs are passed through as float32."""
 
     def __init__(self, output: str = "db", *, field: str = "stft", stored: str = "complex", db_floor: float = 1e-10,
                  target_device: str | torch.device = "cpu"):
@@ -245,18 +252,28 @@ class ToSpectrogram(LMDBDataTransform):
 
     def transform(self, sample: dict) -> dict:
         x = torch.as_tensor(sample[self.field])
+        if self.stored == "complex" and not torch.is_complex(x) and x.shape[-1:] == (2,):
+            x = torch.view_as_complex(x.float())  # complex32 read as float16 pairs
         if torch.is_complex(x):
-            power = x.real.float().square() + x.imag.float().square()
+            parts = torch.view_as_real(x).float()
+            power = parts[..., 0].square() + parts[..., 1].square()
         elif self.stored == "magnitude":
             power = x.float().square()
-        elif self.stored == "power":
+        elif self.stored in ("power", "mel"):
             power = x.float()
-        elif self.stored == "db":
-            power = torch.pow(10.0, x.float() / 10)
+        elif self.stored in ("db", "log_mel"):
+            power = None
+        elif self.stored == "mfcc":
+            y = x.float()
+            return dict(sample, **{self.field: y.unsqueeze(0) if y.dim() == 2 else y})
         else:
-            raise LmdbkitError(f"stored={self.stored!r}: a real STFT field must say how it was stored "
-                               f"({list(SPEC_OUTPUTS)}); see the database's metadata['stft']['output']")
-        if self.output == "power":
+            raise LmdbkitError(f"stored={self.stored!r}: a real spectrogram field must say how it was stored "
+                               f"({list(STORED)}); see the database's metadata['stft']['output']")
+        if power is None:  # stored in dB: converted only when another output is asked for
+            y = x.float() if self.output == "db" else torch.pow(10.0, x.float() / 10)
+            if self.output == "magnitude":
+                y = y.sqrt()
+        elif self.output == "power":
             y = power
         elif self.output == "magnitude":
             y = power.sqrt()

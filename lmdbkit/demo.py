@@ -93,3 +93,47 @@ def make_corpus(out_dir: str | Path, *, n_per_class: int = 40, seed: int = 0, ba
         sf.write(out / "clicks_fast" / "zero_length.wav", np.zeros((0, 1), np.float32), 16000)
     marker.write_text(json.dumps(stamp))
     return out
+
+
+# -- a small real-speech corpus, spoken by espeak-ng (for measuring features on speech, not tones) ------
+
+SPEECH_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp")
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Spectrograms are computed once and read many times.",
+    "She sells sea shells by the sea shore.",
+    "A large fawn jumped quickly over white zinc boxes.",
+    "How vexingly quick daft zebras jump.",
+    "Seven silver swans swam silently seaward.",
+    "Pack my box with five dozen liquor jugs.",
+    "Training reads every item again in every epoch.",
+    "The five boxing wizards jump quickly.",
+    "Bright vixens jump; dozy fowl quack.",
+)
+
+
+def make_speech_corpus(out_dir: str | Path, *, voices=SPEECH_VOICES, sentences=SENTENCES, seed: int = 0) -> Path:
+    """Speech by espeak-ng into ``out_dir/<voice>/<voice>_NNN.wav`` (one clip per voice and sentence, with
+    random rate and pitch); reused if already complete. Needs the espeak-ng program (apt install espeak-ng)."""
+    import shutil
+    import subprocess
+
+    from .errors import LmdbkitError
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise LmdbkitError("the speech corpus is spoken by espeak-ng, which is not installed: "
+                           "apt-get install espeak-ng (or give a folder of your own speech)")
+    out = Path(out_dir)
+    stamp = {"voices": list(voices), "sentences": list(sentences), "seed": seed, "version": 1}
+    marker = out / ".lmdbkit-speech.json"
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return out
+    rng = np.random.default_rng(seed)
+    for voice in voices:
+        (out / voice).mkdir(parents=True, exist_ok=True)
+        for j, text in enumerate(sentences):
+            rate, pitch = int(rng.integers(130, 190)), int(rng.integers(30, 70))
+            subprocess.run([exe, "-v", voice, "-s", str(rate), "-p", str(pitch), "-w",
+                            str(out / voice / f"{voice}_{j:03d}.wav"), text], check=True, capture_output=True)
+    marker.write_text(json.dumps(stamp))
+    return out

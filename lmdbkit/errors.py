@@ -103,6 +103,10 @@ class EncodeError(LmdbkitError, TypeError):
     """A sample holds a value the codec cannot store."""
 
 
+class ValueRangeError(LmdbkitError, ValueError):
+    """A computed value does not fit the dtype asked to store it (e.g. power above float16's 65504)."""
+
+
 class SchemaError(LmdbkitError, ValueError):
     """A sample's fields or dtypes differ from the database's schema."""
 

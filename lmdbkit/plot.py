@@ -213,13 +213,23 @@ def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: 
         x = x[0]
     if x.ndim != 2:
         raise ValueError(f"a spectrogram is [freqs, frames] (or [channels, freqs, frames]); got shape {x.shape}")
+    unit, ticks = "dB (power re 1)", None
     if cfg is not None:
         from .stft import to_db
         db = to_db(x, cfg)
         t = cfg.times(x.shape[1])
-        f = cfg.frequencies()
-        extent = [t[0] if len(t) else 0, t[-1] if len(t) else 0, f[0], f[-1]]
-        xlabel, ylabel = "time (s)", "frequency (Hz)"
+        t0, t1 = (t[0], t[-1]) if len(t) else (0, 0)
+        xlabel = "time (s)"
+        if cfg.output == "mfcc":
+            extent, ylabel, unit = [t0, t1, 0, x.shape[0]], "MFCC", "coefficient"
+        elif cfg.is_mel:
+            extent, ylabel = [t0, t1, 0, x.shape[0]], f"mel band ({cfg.mel_scale} scale)"
+            f = cfg.frequencies()
+            rows = np.unique(np.linspace(0, len(f) - 1, 6).round().astype(int))
+            ticks = (rows + 0.5, [f"{f[i]:.0f} Hz" for i in rows])
+        else:
+            f = cfg.frequencies()
+            extent, ylabel = [t0, t1, f[0], f[-1]], "frequency (Hz)"
     else:
         p = np.abs(x).astype(np.float64) ** 2 if np.iscomplexobj(x) else x.astype(np.float64)
         db = 10 * np.log10(np.maximum(np.abs(p), 1e-10))
@@ -229,13 +239,16 @@ def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: 
     else:
         fig = ax.figure
     vmax = float(np.max(db)) if db.size else 0.0
-    im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vmax - 80, vmax=vmax)
+    vmin = float(np.min(db)) if unit == "coefficient" and db.size else vmax - 80
+    im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vmin, vmax=vmax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if ticks is not None:
+        ax.set_yticks(*ticks)
     if title:
         ax.set_title(title, fontsize=9)
     if colorbar:
-        fig.colorbar(im, ax=ax, label="dB")
+        fig.colorbar(im, ax=ax, label=unit)
     return fig
 
 

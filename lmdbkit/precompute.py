@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import audio, demo, store
-from .errors import AudioDecodeError, LmdbkitError
+from .errors import AudioDecodeError, LmdbkitError, ValueRangeError
 from .reader import Reader
-from .stft import StftConfig, compute, resolve_device
+from .mel import MEL_NORMS, MEL_SCALES
+from .stft import OUTPUTS, StftConfig, compute, resolve_device
 from .writer import MODES, Writer
 
 DEFAULT_DEMO_DIR = "runs/demo/corpus"
@@ -128,7 +129,9 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
                sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
                segment_hop_seconds: float | None = None, pad_last: bool = False, short_files: str = "pad",
                label_depth: int = 0, n_fft: int = 512, hop_length: int = 128, win_length: int | None = None, window: str = "hann",
-               center: bool = True, output: str = "complex", dtype: str = "complex64",
+               center: bool = True, output: str = "complex", dtype: str | None = None, n_mels: int = 80,
+               f_min: float = 0.0, f_max: float | None = None, mel_scale: str = "slaney",
+               mel_norm: str | None = "slaney", n_mfcc: int = 40, top_db: float | None = None,
                splits: dict[str, float] | None = None, split_seed: int = 0, num_workers: int = 2,
                batch_size: int = 16, device: str = "auto", limit: int | None = None, strict: bool = False,
                mode: str = "append", shard_index: int | None = None, num_shards: int | None = None,
@@ -144,7 +147,8 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     """
     t_start = time.perf_counter()
     stft_cfg = StftConfig(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
-                          window=window, center=center, output=output, dtype=dtype)
+                          window=window, center=center, output=output, dtype=dtype, n_mels=n_mels, f_min=f_min,
+                          f_max=f_max, mel_scale=mel_scale, mel_norm=mel_norm, n_mfcc=n_mfcc, top_db=top_db)
     audio_cfg = AudioConfig(sample_rate=sample_rate, mono=mono, segment_seconds=segment_seconds,
                             segment_hop_seconds=segment_hop_seconds, pad_last=pad_last, short_files=short_files)
     splits = audio.check_splits(splits or audio.DEFAULT_SPLITS)
@@ -258,18 +262,11 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
             # STFTs are computed a chunk of segments at a time, as the writer takes them (a long file never
             # holds all its spectrograms in memory), and batched across the short files of this batch
             specs = _lazy_stft([seg for rec in good for seg in rec["segments"]], stft_cfg, dev, batch_size)
-            for rec in good:
-                s: audio.Source = rec["source"]
-                n = len(rec["segments"])
-                w = writers[split_of[s.path]]
-                w.append_source(s.path, _file_samples(rec, specs, labels, audio_cfg, skip=done.get(s.path, 0)),
-                                info={"duration_s": rec["duration_s"], "orig_sample_rate": rec["orig_sample_rate"]})
-                stats["files"] += 1
-                stats["items"] += n - done.get(s.path, 0)
-                seg = audio_cfg.segment_seconds
-                stats["short_padded"] += seg is not None and rec["duration_s"] < seg
-                stats["audio_seconds"] += rec["duration_s"]
-                rec["segments"] = None  # the decoded audio of a finished file can go
+            try:
+                _write_batch(good, specs, writers, split_of, labels, audio_cfg, done, stats)
+            except ValueRangeError as exc:
+                names = ", ".join(rec["source"].path for rec in good[:4]) + (" ..." if len(good) > 4 else "")
+                raise ValueRangeError(f"{exc} (in the batch of {names})") from exc
             elapsed = time.perf_counter() - ts
             stats["stft_seconds"] += specs.seconds
             stats["write_seconds"] += elapsed - specs.seconds
@@ -282,6 +279,23 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
         torch.set_num_threads(threads)
     stats["loop_seconds"] = time.perf_counter() - t0
     return stats
+
+
+def _write_batch(good: list[dict], specs: "_lazy_stft", writers: dict, split_of: dict, labels: dict,
+                 audio_cfg: AudioConfig, done: dict, stats: dict) -> None:
+    """Append each decoded file of a batch to its split's writer, its items' features drawn from ``specs``."""
+    for rec in good:
+        s: audio.Source = rec["source"]
+        n = len(rec["segments"])
+        w = writers[split_of[s.path]]
+        w.append_source(s.path, _file_samples(rec, specs, labels, audio_cfg, skip=done.get(s.path, 0)),
+                        info={"duration_s": rec["duration_s"], "orig_sample_rate": rec["orig_sample_rate"]})
+        stats["files"] += 1
+        stats["items"] += n - done.get(s.path, 0)
+        seg = audio_cfg.segment_seconds
+        stats["short_padded"] += seg is not None and rec["duration_s"] < seg
+        stats["audio_seconds"] += rec["duration_s"]
+        rec["segments"] = None  # the decoded audio of a finished file can go
 
 
 def _file_samples(rec: dict, specs: "_lazy_stft", labels: dict, audio_cfg: AudioConfig, *, skip: int = 0):
@@ -462,8 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--win-length", type=int)
     ap.add_argument("--window", default="hann")
     ap.add_argument("--no-center", dest="center", action="store_false")
-    ap.add_argument("--output", default="complex")
-    ap.add_argument("--dtype", default="complex64")
+    ap.add_argument("--output", default="complex", choices=OUTPUTS,
+                    help="what is stored: the complex STFT (default), magnitude, power, db, mel, log_mel or mfcc")
+    ap.add_argument("--dtype", help="complex64 (default), complex32 (half size) or complex128 for complex output; "
+                                    "float32 (default), float16, bfloat16 or float64 otherwise")
+    ap.add_argument("--n-mels", type=int, default=80, help="mel outputs: number of mel bands (default 80)")
+    ap.add_argument("--f-min", type=float, default=0.0, help="mel outputs: lowest frequency in Hz (default 0)")
+    ap.add_argument("--f-max", type=float, help="mel outputs: highest frequency in Hz (default sample_rate / 2)")
+    ap.add_argument("--mel-scale", default="slaney", choices=MEL_SCALES, help="mel scale (default slaney)")
+    ap.add_argument("--mel-norm", default="slaney", type=lambda v: None if v == "none" else v,
+                    choices=MEL_NORMS, help="slaney: each band's area is 1 (default); none: peak 1")
+    ap.add_argument("--n-mfcc", type=int, default=40, help="mfcc: coefficients kept (default 40)")
+    ap.add_argument("--top-db", type=float, help="log outputs: clip each item at its max minus this many dB "
+                                                 "(default none; mfcc 80)")
     ap.add_argument("--splits", type=json.loads, help='JSON, e.g. \'{"train": 0.8, "val": 0.1, "test": 0.1}\'')
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--num-workers", type=int, default=2)

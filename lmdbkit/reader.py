@@ -46,12 +46,17 @@ class Reader:
     allow_pickle: read a legacy pickle-in-LMDB database. Unpickling runs code chosen by whoever wrote
                  the file: only for databases you trust; prefer converting them once.
     max_readers: LMDB reader slots, for unfinished databases opened with locking.
+    complex32:   half-size complex arrays (dtype complex32) come back as "complex64" (default) or as their
+                 float16 real/imaginary "pairs" [..., 2] (half the bytes to move, e.g. widened on the GPU).
     """
 
     def __init__(self, path: str | os.PathLike, *, decode_to: codec.DecodeTo = "auto", verify: bool = False,
-                 allow_pickle: bool = False, max_readers: int = 126):
+                 allow_pickle: bool = False, max_readers: int = 126, complex32: str = "complex64"):
         if decode_to not in codec.DECODE_TO:
             raise LmdbkitError(f"decode_to={decode_to!r} is unsupported. Supported values are {list(codec.DECODE_TO)}")
+        if complex32 not in codec.COMPLEX32:
+            raise LmdbkitError(f"complex32={complex32!r} is unsupported. Supported values are {list(codec.COMPLEX32)}")
+        self.complex32 = complex32
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         self.path = str(store.check_exists(path))
@@ -195,7 +200,7 @@ class Reader:
         if self.legacy:
             return None, pickle.loads(buf)
         try:
-            return codec.decode(buf, decode_to=self.decode_to, verify=self.verify)
+            return codec.decode(buf, decode_to=self.decode_to, verify=self.verify, complex32=self.complex32)
         except CorruptItemError as exc:
             raise exc.at(self.path, where) from exc
 

@@ -111,7 +111,7 @@ def test_metadata_and_scalars_roundtrip():
     ({"o": object()}, "field 'o': values of type object"),
     ({"deep": {"x": [1, {2}]}}, r"field 'deep.x\[1\]'"),
     ({1: 2}, "field names must be str"),
-    ({"c": torch.zeros(2, dtype=torch.complex32)}, "dtype torch.complex32 is unsupported. Supported dtypes are"),
+    ({"c": torch.zeros(2, dtype=torch.float8_e4m3fn)}, "dtype torch.float8_e4m3fn is unsupported. Supported dtypes are"),
     ({"u": np.array(["a"])}, "numpy dtype <U1 is unsupported"),
 ])
 def test_unsupported_values_name_field(bad, match):
