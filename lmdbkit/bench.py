@@ -537,18 +537,20 @@ def targets_table(tg: list[dict]) -> str:
 def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 20000,
         open_counts=(1000, 10_000, 100_000), reads: int = 2000, min_seconds: float = 0.3, with_pt: bool = True,
         workers=(0, 1, 2, 4), cold: bool = True, cold_gb: float = 0.25, cold_reads: int = 512, cold_rounds: int = 1,
-        plots: bool = True, progress: bool = True) -> dict:
+        kinds: bool = True, plots: bool = True, progress: bool = True) -> dict:
     """The whole suite on generated items; writes summary.json (and PNG plots) into output_dir, returns it.
 
     cold: also read a ``cold_gb`` GB database with the page cache dropped (``bench_cold``), ``cold_reads``
-    items per single/batch timing, the median of ``cold_rounds`` rounds."""
+    items per single/batch timing, the median of ``cold_rounds`` rounds. kinds: also compare the stored
+    feature kinds and dtypes on real speech (``bench_kinds``: bytes per audio-second, error, read speed)."""
     from tqdm.auto import tqdm
     out = Path(output_dir)
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     steps = [(kind, n) for kind, n in (("stft256k", n_stft), ("small1k", n_small)) if n]
-    bar = tqdm(total=len(steps) * 2 + 1 + cold, desc="benchmark", disable=not progress)
+    bar = tqdm(total=len(steps) * 2 + 1 + cold + kinds, desc="benchmark", disable=not progress)
+    kinds_result = None
     try:
         for kind, n in steps:
             bar.set_postfix_str(f"{kind}: write + read")
@@ -566,11 +568,16 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
         bar.set_postfix_str("open")
         results += bench_open(list(open_counts), work, with_pt=with_pt)
         bar.update()
+        if kinds:
+            from .bench_kinds import bench_kinds
+            bar.set_postfix_str("feature kinds")
+            kinds_result = bench_kinds(work / "kinds", min_seconds=min_seconds, progress=False)
+            bar.update()
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
     summary = {"results": [asdict(r) for r in results], "ratios": ratios(results), "targets": targets(results),
-               "machine": _machine()}
+               "kinds": kinds_result, "machine": _machine()}
     if plots:
         from . import plot
         summary["figures"] = plot.save_bench_figures(summary, out)
@@ -603,12 +610,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="size of each copy of the cold-read database in GB (default 0.25; use more than RAM "
                          "holds free to see the disk, e.g. 3 or more)")
     ap.add_argument("--cold-rounds", type=int, default=1, help="cold-read rounds (the median is reported)")
+    ap.add_argument("--no-kinds", action="store_true", help="skip the feature kinds (bytes, error and read speed "
+                                                           "of each stored kind and dtype on speech)")
     ap.add_argument("--db", help="also time random and sequential reads of this existing database")
     a = ap.parse_args(argv)
     counts = (1000, 10_000, 100_000, 1_000_000) if a.full else (1000, 10_000, 100_000)
     workers = tuple(int(w) for w in a.workers.split(",") if w.strip())
     s = run(a.output_dir, n_stft=a.n_stft, n_small=a.n_small, open_counts=counts, with_pt=not a.no_pt,
-            workers=workers, cold=not a.no_cold, cold_gb=a.cold_gb, cold_rounds=a.cold_rounds)
+            workers=workers, cold=not a.no_cold, cold_gb=a.cold_gb, cold_rounds=a.cold_rounds, kinds=not a.no_kinds)
     if a.db:
         s["database"] = benchmark_lmdb_performance(a.db)
         Path(a.output_dir, "summary.json").write_text(json.dumps(s, indent=2))
@@ -619,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<60}{v:9.3f}")
     print()
     print(targets_table(s["targets"]))
+    if s["kinds"]:
+        from .bench_kinds import table as kinds_table
+        print(f"\nfeature kinds on {s['kinds']['corpus']}, {s['kinds']['audio_seconds']:.0f} audio-seconds:")
+        print(kinds_table(s["kinds"]))
     return 0
 
 

@@ -168,11 +168,39 @@ def bench_cold(summary: dict):
     return fig
 
 
+def bench_kinds(summary: dict):
+    """Per stored kind: bytes per audio-second, and audio-seconds read per second warm and cold; None when the
+    kinds section did not run."""
+    plt = _plt()
+    k = summary.get("kinds")
+    if not k:
+        return None
+    rows = k["rows"]
+    names = [r["kind"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].barh(names, [r["disk_bytes_per_audio_second"] / 1024 for r in rows], color="C0")
+    axes[0].set_xlabel("KiB on disk per second of audio")
+    axes[0].invert_yaxis()
+    y = np.arange(len(rows))
+    for j, (temp, color) in enumerate((("warm", "C1"), ("cold", "C2"))):
+        axes[1].barh(y + (j - 0.5) * 0.4, [r[f"{temp}_audio_seconds_per_second"] for r in rows], 0.4,
+                     label=f"{temp} page cache", color=color)
+    axes[1].set_yticks(y, [])
+    axes[1].invert_yaxis()
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("seconds of audio read per second (random single reads)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"stored feature kinds, {k['corpus']}, {k['audio_seconds']:.0f} s of audio", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def save_bench_figures(summary: dict, output_dir) -> list[str]:
     """Write the benchmark's figures as PNG files; returns their paths."""
     out = []
     for name, fn in (("bench_reads.png", bench_reads), ("bench_open.png", bench_open),
-                     ("bench_dataloader.png", bench_dataloader), ("bench_cold.png", bench_cold)):
+                     ("bench_dataloader.png", bench_dataloader), ("bench_cold.png", bench_cold),
+                     ("bench_kinds.png", bench_kinds)):
         fig = fn(summary)
         if fig is None:
             continue

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 
 import pytest
 
@@ -43,6 +44,26 @@ def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
     assert not (tmp_path / "work").exists()
     text = bench.targets_table(s["targets"])
     assert "random read ~256 KiB" in text and ("holds" in text or "MISSED" in text)
+    assert s["kinds"]["rows"] and any(f.endswith("bench_kinds.png") for f in s["figures"])
+
+
+def test_feature_kinds_are_measured_on_speech(tmp_path):
+    from lmdbkit import bench_kinds
+    k = bench_kinds.bench_kinds(tmp_path / "k", min_seconds=0.0, progress=False)
+    assert k["corpus"] == "speech (espeak-ng)" or not shutil.which("espeak-ng")
+    rows = {r["kind"]: r for r in k["rows"]}
+    assert list(rows) == [name for name, *_ in bench_kinds.KINDS] and k["audio_seconds"] > 10
+    c64, c32 = rows["complex64"], rows["complex32"]
+    assert c32["payload_bytes_per_audio_second"] == c64["payload_bytes_per_audio_second"] / 2
+    assert c32["disk_vs_complex64"] < 0.55 and rows["log_mel f16"]["disk_vs_complex64"] < 0.1
+    assert rows["log_mel f16 zstd"]["disk_bytes_per_audio_second"] < rows["log_mel f16"]["disk_bytes_per_audio_second"]
+    assert 60 < c32["snr_db"] < 90 and 60 < c32["audio_snr_db"] < c64["audio_snr_db"]
+    assert rows["log_mel bf16"]["max_abs_error"] > rows["log_mel f16"]["max_abs_error"] > 0
+    assert rows["log_mel f16 zstd"]["max_abs_error"] == rows["log_mel f16"]["max_abs_error"]  # zstd is lossless
+    assert all(r["warm_items_per_second"] > 0 and r["cold_items_per_second"] > 0 for r in rows.values())
+    bf16 = k["evaluated"][0]
+    assert bf16["kind"] == "complex bf16 pairs" and bf16["snr_db"] < bf16["complex32_snr_db"]
+    assert "complex32" in bench_kinds.table(k) and not (tmp_path / "k").exists()
 
 
 def test_benchmark_lmdb_performance(small_db):
