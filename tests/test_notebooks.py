@@ -83,7 +83,7 @@ def test_benchmark_notebook(ci_run):
     s = json.loads((out / "summary.json").read_text())
     assert s["database"]["items"] > 0 and s["targets"] and s["ratios"]
     assert {p.split("/")[-1] for p in s["figures"]} == {"bench_reads.png", "bench_open.png", "bench_dataloader.png",
-                                                         "bench_cold.png"}
+                                                         "bench_cold.png", "bench_kinds.png"}
 
 
 def test_inspect_notebook(ci_run):
