@@ -379,7 +379,8 @@ def _check_array_slowly(field, kind, dcode, ccode, off, n, shape, payload: int) 
         raise _corrupt(f"malformed array descriptor for field {field!r}"[:200])
     name = _NAME.get(dcode) if type(dcode) is int else None
     if name is None or type(kind) is not int or not 0 <= kind <= 2:
-        raise _corrupt(f"unknown dtype code {dcode!r} or kind {kind!r}"[:200])
+        raise _corrupt(f"unknown dtype code {dcode!r} or kind {kind!r} (written by a newer lmdbkit? "
+                       "upgrade lmdbkit to read it)"[:200])
     if type(ccode) is not int or (ccode and ccode not in _DECOMPRESS):
         raise _corrupt(f"unknown compression code {ccode!r}"[:200])
     if type(off) is not int or type(n) is not int or off < 0 or n < 0 or off + n > payload:

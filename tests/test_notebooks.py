@@ -7,6 +7,8 @@ import sys
 import nbformat
 import pytest
 
+import lmdbkit
+import torch
 from lmdbkit import notebooks
 
 NAMES = notebooks.available()
@@ -71,6 +73,8 @@ def test_train_smoke_test_notebook(ci_run):
     notebooks.run("train_smoke_test", base / "train.ipynb", profile="ci",
                   parameters={"data_dir": str(data), "output_dir": str(out)})
     s = json.loads((out / "summary.json").read_text())
+    with lmdbkit.Reader(data / "train.lmdb") as r:  # the CI profile stores log-mel in float16: learnt from too
+        assert r.metadata["stft"]["output"] == "log_mel" and r[0]["stft"].dtype == torch.float16
     assert s["val_accuracy"] >= s["chance"] + 0.1 and s["final_loss"] < s["first_loss"] and s["num_workers"] == 2
     assert (out / "training_curves.png").stat().st_size > 1000 and (out / "confusion.png").exists()
 
