@@ -12,6 +12,7 @@ import lmdbkit
 from lmdbkit import codec, demo, mel, plot
 from lmdbkit.errors import ConfigMismatchError, LmdbkitError, ValueRangeError
 from lmdbkit.precompute import precompute
+from lmdbkit.dataset import ToSpectrogram
 from lmdbkit.stft import StftConfig, compute, inverse
 
 librosa = pytest.importorskip("librosa")
@@ -206,3 +207,28 @@ def test_each_kind_is_drawn_and_browsed(corpus, tmp_path, output, dtype, ylabel)
         assert b.current == 1
     finally:
         b.close()
+
+
+def test_train_transform_takes_every_stored_kind():
+    x = torch.randn(1, 8000) * 0.1
+    ref_db = compute(x, StftConfig(output="db", n_fft=256))[0]
+    for stored, cfg in [("complex", StftConfig(n_fft=256, dtype="complex32")), ("power", StftConfig(output="power", n_fft=256)),
+                        ("magnitude", StftConfig(output="magnitude", n_fft=256, dtype="float16"))]:
+        item = compute(x, cfg)[0]
+        y = ToSpectrogram("db", stored=stored)({"stft": item})["stft"]
+        assert y.shape == (1, 129, ref_db.shape[-1]) and y.dtype == torch.float32
+        assert (y[0] - ref_db).abs().max() < 0.05  # dB, float16/complex32 rounding included
+    pairs = torch.view_as_real(compute(x, StftConfig(n_fft=256, dtype="complex32"))[0])  # complex32="pairs"
+    assert (ToSpectrogram("db")({"stft": pairs})["stft"][0] - ref_db).abs().max() < 0.05
+    mel_cfg = dict(n_fft=256, n_mels=32)
+    log_mel = compute(x, StftConfig(output="log_mel", dtype="float16", **mel_cfg))[0]
+    power = compute(x, StftConfig(output="mel", **mel_cfg))[0]
+    for stored, item in [("log_mel", log_mel), ("mel", power)]:
+        y = ToSpectrogram("db", stored=stored)({"stft": item})["stft"]
+        assert y.shape == (1, 32, log_mel.shape[-1]) and (y[0] - log_mel.float()).abs().max() < 0.05
+    assert torch.allclose(ToSpectrogram("power", stored="log_mel")({"stft": log_mel})["stft"][0], power,
+                          rtol=0.01, atol=1e-6)
+    mfcc = compute(x, StftConfig(output="mfcc", n_mfcc=13, **mel_cfg))[0]
+    assert torch.equal(ToSpectrogram("db", stored="mfcc")({"stft": mfcc})["stft"][0], mfcc)
+    with pytest.raises(LmdbkitError, match="stored='cqt'"):
+        ToSpectrogram("db", stored="cqt")({"stft": power})
