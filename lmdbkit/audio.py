@@ -49,7 +49,9 @@ def discover(audio_dir: str | os.PathLike, *, manifest: str | os.PathLike | None
     """
     root = Path(audio_dir)
     if not root.is_dir():
-        raise LmdbkitError(f"audio_dir={str(audio_dir)!r} is not a folder. Point it at the folder that holds "
+        from .store import where
+        raise LmdbkitError(f"audio_dir={str(audio_dir)!r} is not a folder (looked for {where(root)}). Point it at "
+                           "the folder that holds "
                            "your audio (one subfolder per class), or leave it None for the demo corpus")
     if not isinstance(label_depth, int) or isinstance(label_depth, bool) or label_depth < -1:
         raise LmdbkitError(f"label_depth={label_depth!r}: give 0 (the first folder below audio_dir), 1 (the folder "

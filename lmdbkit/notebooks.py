@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,56 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"
 ORDER = ("precompute", "inspect", "benchmark", "train_smoke_test")
+
+
+def start(namespace: dict) -> Path:
+    """The first cell after a notebook's parameters: refuse a parameter the notebook does not declare, and make
+    relative paths mean the same files in JupyterLab (whose kernel starts in ``notebooks/``) as in papermill
+    run from the project root. Returns the working directory that relative paths are taken from."""
+    check_parameters(namespace)
+    return enter_project()
+
+
+def check_parameters(namespace: dict) -> None:
+    """LmdbkitError naming each injected parameter that the parameters cell does not declare, with the nearest
+    declared names (papermill itself only warns, and the run would go on with the default).
+
+    Reads the kernel's input history: papermill's injected cell starts with "# Parameters" and runs right
+    after the notebook's own parameters cell. An interactive run has no injected cell: nothing to check."""
+    history = namespace.get("In") or []
+    for k in range(len(history) - 1, 0, -1):
+        if history[k].lstrip().startswith("# Parameters"):
+            declared, injected = _assigned(history[k - 1]), _assigned(history[k])
+            unknown = [n for n in injected if n not in declared]
+            if unknown:
+                hints = "; ".join(f"{n!r}" + (f" (did you mean {', '.join(map(repr, near))}?)"
+                                               if (near := difflib.get_close_matches(n, declared, 3, 0.6)) else "")
+                                  for n in unknown)
+                raise LmdbkitError(f"unknown parameter {hints}: this notebook declares {', '.join(declared)}. "
+                                   "Nothing was run; fix the name (papermill --help-notebook lists them)")
+            return
+
+
+def _assigned(source: str) -> list[str]:
+    """Names assigned at the top level of a cell, in order."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def enter_project() -> Path:
+    """Move to the project root when the kernel started in its ``notebooks/`` folder (JupyterLab does), so a
+    parameter such as ``runs/demo/data`` names the same folder as under papermill from the root."""
+    cwd = Path.cwd()
+    if cwd.name == "notebooks" and (cwd.parent / "params").is_dir():
+        os.chdir(cwd.parent)
+    return Path.cwd()
 
 
 def available() -> list[str]:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import audio, demo, store
-from .errors import AudioDecodeError, LmdbkitError, ValueRangeError
+from .errors import AudioDecodeError, ConfigMismatchError, LmdbkitError, ValueRangeError
 from .reader import Reader
 from .mel import MEL_NORMS, MEL_SCALES
 from .stft import OUTPUTS, StftConfig, compute, resolve_device
@@ -104,6 +104,28 @@ def _shard_from_env(shard_index: int | None, num_shards: int | None) -> tuple[in
     return shard_index, num_shards
 
 
+def default_output_dir(audio_dir: str | os.PathLike | None) -> Path:
+    """Where outputs go when no output_dir is given: runs/demo/data, or runs/<audio folder's name>/data."""
+    if audio_dir is None:
+        return Path("runs/demo/data")
+    return Path("runs") / (Path(audio_dir).resolve().name or "audio") / "data"
+
+
+def _check_origin(out: Path, origin: dict, names: list[str]) -> None:
+    """ConfigMismatchError if an existing database in ``out`` was written from another audio folder or
+    manifest (databases from before this record existed are accepted, and get it)."""
+    for name in names:
+        p = out / name
+        if not (p / "data.mdb").is_file():
+            continue
+        with Reader(p) as r:
+            before = r.metadata.get("origin")
+        if before is not None and before != origin:
+            raise ConfigMismatchError(str(p), before, origin, "These databases hold another corpus's files: give "
+                                      "another output_dir (with an audio_dir and no output_dir it is derived from "
+                                      "the audio folder's name), or mode='overwrite' to start over. Nothing was written.")
+
+
 def db_name(split: str, shard_index: int, num_shards: int) -> str:
     return f"{split}.lmdb" if num_shards == 1 else f"{split}-{shard_index}-of-{num_shards}.lmdb"
 
@@ -123,7 +145,7 @@ def _existing_labels(out: Path) -> dict[str, int]:
     return {}
 
 
-def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | os.PathLike = "runs/demo/data",
+def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | os.PathLike | None = None,
                manifest: str | os.PathLike | None = None, demo_dir: str | os.PathLike = DEFAULT_DEMO_DIR,
                map_size_gb: float | None = None, max_size_gb: float | None = None,
                sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
@@ -139,7 +161,9 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
                commit_items: int = 1000, demo_clips_per_class: int = 40, progress: bool = True) -> dict[str, Any]:
     """Audio folder -> ``<output_dir>/<split>.lmdb``. Returns the run's summary (also stored in each database).
 
-    With no ``audio_dir`` the embedded demo corpus is generated into ``demo_dir`` and used. ``mode``:
+    With no ``audio_dir`` the embedded demo corpus is generated into ``demo_dir`` and used. With no
+    ``output_dir``, outputs go to ``runs/demo/data`` for the demo and to ``runs/<audio folder's name>/data``
+    otherwise; appending to databases written from another audio folder or manifest is refused. ``mode``:
     "append" (default: create, or resume an earlier run with the same settings), "overwrite" (start over)
     or "create" (refuse existing databases). Files are committed whole, at least every ``commit_items``
     items (or 64 MiB): a run killed at any moment loses at most that much work and resumes where it stopped.
@@ -182,7 +206,10 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
     for s in sources:
         if s.split is not None and s.split not in splits:
             raise LmdbkitError(f"manifest split {s.split!r} for {s.path} is not one of splits={list(splits)}")
-    out = Path(output_dir)
+    out = Path(output_dir) if output_dir is not None else default_output_dir(audio_dir)
+    origin = {"audio_dir": str(root.resolve()), "manifest": str(Path(manifest).resolve()) if manifest else None}
+    if mode == "append":
+        _check_origin(out, origin, [db_name(split, shard_index, num_shards) for split in splits])
     out.mkdir(parents=True, exist_ok=True)
     labels = audio.label_map((s.label_name for s in sources), {} if mode == "overwrite" else _existing_labels(out))
     split_of = {s.path: s.split or audio.assign_split(s.path, splits, split_seed) for s in sources}
@@ -203,7 +230,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
                        max_size_gb=max_size_gb, metadata=settings, index_fields=tuple(index_fields), durable=durable,
                        commit_items=commit_items)
             writers[split] = w
-            w.set_metadata(labels=labels, shard={"index": shard_index, "count": num_shards})
+            w.set_metadata(labels=labels, shard={"index": shard_index, "count": num_shards}, origin=origin)
         pending = [s for s in mine if not writers[split_of[s.path]].has_source(s.path)]
         done = {s.path: n for s in pending if (n := writers[split_of[s.path]].source_progress(s.path))}
         if strict and bad_names:
@@ -458,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line (also under torchrun: each rank writes its shard)."""
     ap = argparse.ArgumentParser(prog="python -m lmdbkit.precompute", description=__doc__.split("\n\n")[0])
     ap.add_argument("--audio-dir", help="folder of audio, one subfolder per class (default: the demo corpus)")
-    ap.add_argument("--output-dir", default="runs/demo/data")
+    ap.add_argument("--output-dir", help="where <split>.lmdb go (default: runs/demo/data for the demo, "
+                                         "runs/<audio folder's name>/data for --audio-dir)")
     ap.add_argument("--manifest")
     ap.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR)
     ap.add_argument("--map-size-gb", type=float)

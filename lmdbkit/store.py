@@ -252,8 +252,8 @@ def check_exists(path: str | os.PathLike) -> Path:
     """The path as a Path, or a clear error if it is missing or holds no LMDB environment. Creates nothing."""
     p = Path(path)
     if not p.exists():
-        raise DatabaseNotFoundError(f"{p}: no such database. Check the path, or write one first with "
-                                    "lmdbkit.Writer or notebooks/precompute.ipynb")
+        raise DatabaseNotFoundError(f"{p}: no such database (looked for {where(p)}). Check the path, or write "
+                                    "one first with lmdbkit.Writer or notebooks/precompute.ipynb")
     if not p.is_dir() or not (p / "data.mdb").is_file():
         what = "a directory without data.mdb" if p.is_dir() else "a file"
         raise NotADatabaseError(f"{p} is {what}, not an LMDB database directory (expected {p}/data.mdb). "
@@ -474,6 +474,12 @@ def _read_holder(fd: int) -> str:
 
 # -- many databases: a path, a list, a directory of *.lmdb, or a glob --------------------------------
 
+def where(path: str | os.PathLike) -> str:
+    """The absolute path a (maybe relative) path names, and the working directory it was taken from."""
+    p = Path(path)
+    return str(p) if p.is_absolute() else f"{p.absolute()}, working directory {os.getcwd()}"
+
+
 def resolve_paths(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """The database directories a spec names, in a stable order. Creates nothing."""
     if isinstance(spec, (str, os.PathLike)):
@@ -481,7 +487,7 @@ def resolve_paths(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         if any(ch in s for ch in "*?["):
             found = sorted(Path(p) for p in _glob.glob(s))
             if not found:
-                raise DatabaseNotFoundError(f"the glob {s!r} matches no database")
+                raise DatabaseNotFoundError(f"the glob {s!r} matches no database (looked in {where(Path(s).parent)})")
             return [check_exists(p) for p in found]
         p = Path(s)
         if p.is_dir() and not (p / "data.mdb").exists():

@@ -203,7 +203,8 @@ def split_paths(data_dir: str | os.PathLike, split: str) -> list[str]:
         return [str(d / f"{split}.lmdb")]
     shards = sorted(str(p) for p in d.glob(f"{split}-*-of-*.lmdb"))
     if not shards:
-        raise LmdbkitError(f"no {split!r} database in {d} (looked for {split}.lmdb and {split}-*-of-*.lmdb); "
+        raise LmdbkitError(f"no {split!r} database in {d} (looked for {split}.lmdb and {split}-*-of-*.lmdb in "
+                           f"{store.where(d)}); "
                            "run notebooks/precompute.ipynb first, or pass the path")
     return shards
 

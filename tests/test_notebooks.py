@@ -1,6 +1,7 @@
 """The notebooks: committed clean, parameterized, and run for real through papermill with params/ci/."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -103,3 +104,31 @@ def test_inspect_notebook(ci_run):
 
 def test_all_four_notebooks_are_in_the_demo():
     assert notebooks.available() == list(notebooks.ORDER)
+
+
+def test_unknown_parameter_fails_a_plain_papermill_run(tmp_path):
+    """A typo (output_dirr) must not run the notebook with the default output_dir: papermill only warns."""
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(notebooks.NOTEBOOKS / "precompute.ipynb"),
+                           str(tmp_path / "out.ipynb"), "-p", "output_dirr", "my_data", "-p", "demo_dir",
+                           str(tmp_path / "corpus"), "-k", "python3"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "unknown parameter 'output_dirr' (did you mean 'output_dir'" in proc.stderr + proc.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "my_data").exists()  # nothing ran
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_jupyterlab_recipe_kernel_started_in_notebooks(ci_run, tmp_path):
+    """JupyterLab starts the kernel in notebooks/; the same relative paths as papermill from the root work."""
+    _, data = ci_run
+    proj = tmp_path / "proj"
+    (proj / "notebooks").mkdir(parents=True)
+    (proj / "params").mkdir()
+    shutil.copy(notebooks.NOTEBOOKS / "inspect.ipynb", proj / "notebooks")
+    shutil.copytree(data, proj / "runs" / "data", ignore=shutil.ignore_patterns("*.png", "*.json"))
+    import papermill as pm
+    pm.execute_notebook(str(proj / "notebooks" / "inspect.ipynb"), str(tmp_path / "executed.ipynb"),
+                        parameters={"data_dir": "runs/data", "output_dir": "runs/inspect", "per_label": 1},
+                        cwd=str(proj / "notebooks"), kernel_name="python3", progress_bar=False)
+    assert json.loads((proj / "runs" / "inspect" / "summary.json").read_text())["split"] == "train"
+    assert not (proj / "notebooks" / "runs").exists()

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,3 +350,24 @@ def test_run_started_before_label_depth_and_short_files_existed_resumes(corpus, 
     assert s["files_resumed"] + s["files_processed"] + len(s["skipped"]) == len(audio.discover(corpus))
     with pytest.raises(ConfigMismatchError, match="short_files"):
         precompute(corpus, output_dir=out, **FAST)  # short files now kept: not the same run
+
+
+def test_another_audio_folder_is_not_appended_and_outputs_follow_the_folder(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    precompute(corpus, output_dir=out, **FAST, limit=6)
+    before = sorted(_keys(out))
+    other = tmp_path / "my_audio"
+    shutil.copytree(corpus / "tone_low", other / "dog")
+    with pytest.raises(ConfigMismatchError, match=r"(?s)written with other settings.*audio_dir") as e:
+        precompute(other, output_dir=out, **FAST)
+    assert str(corpus.resolve()) in str(e.value) and str(other.resolve()) in str(e.value)
+    assert "another output_dir" in str(e.value)
+    assert sorted(_keys(out)) == before  # nothing of the other corpus was written
+    for p in out.glob("*.lmdb"):
+        with lmdbkit.Reader(p) as r:
+            assert r.meta["complete"] and r.metadata["origin"]["audio_dir"] == str(corpus.resolve())
+    precompute(corpus, output_dir=out, **FAST)  # the same folder still resumes
+    monkeypatch.chdir(tmp_path)  # no output_dir: derived from the audio folder, never the demo's
+    s = precompute(other, **FAST)
+    assert Path(s["output_dir"]) == Path("runs/my_audio/data") and (tmp_path / "runs/my_audio/data/train.lmdb").is_dir()
+    assert not (tmp_path / "runs" / "demo").exists()
