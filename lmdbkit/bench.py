@@ -534,9 +534,15 @@ def targets_table(tg: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def default_worker_counts() -> tuple[int, ...]:
+    """DataLoader worker counts timed when none are given: 0, 1, 2, 4, 8 up to the cores here."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return tuple(w for w in (0, 1, 2, 4, 8) if w <= max(n, 2))
+
+
 def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 20000,
         open_counts=(1000, 10_000, 100_000), reads: int = 2000, min_seconds: float = 0.3, with_pt: bool = True,
-        workers=(0, 1, 2, 4), cold: bool = True, cold_gb: float = 0.25, cold_reads: int = 512, cold_rounds: int = 1,
+        workers=None, cold: bool = True, cold_gb: float = 0.25, cold_reads: int = 512, cold_rounds: int = 1,
         kinds: bool = True, plots: bool = True, progress: bool = True) -> dict:
     """The whole suite on generated items; writes summary.json (and PNG plots) into output_dir, returns it.
 
@@ -544,6 +550,8 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
     items per single/batch timing, the median of ``cold_rounds`` rounds. kinds: also compare the stored
     feature kinds and dtypes on real speech (``bench_kinds``: bytes per audio-second, error, read speed)."""
     from tqdm.auto import tqdm
+    if workers is None:
+        workers = default_worker_counts()
     out = Path(output_dir)
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
@@ -602,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir", default="runs/bench", help="where summary.json and the plots go (default: runs/bench)")
     ap.add_argument("--n-stft", type=int, default=2000, help="number of ~256 KiB complex64 items")
     ap.add_argument("--n-small", type=int, default=20000, help="number of ~1 KiB items")
-    ap.add_argument("--workers", default="0,1,2,4", help="DataLoader worker counts, comma-separated ('' to skip)")
+    ap.add_argument("--workers", help="DataLoader worker counts, comma-separated ('' to skip; default: 0,1,2,4,8 up "
+                                      "to the cores here)")
     ap.add_argument("--full", action="store_true", help="also time open for 1M items")
     ap.add_argument("--no-pt", action="store_true", help="skip the per-batch .pt baseline")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache reads")
@@ -615,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", help="also time random and sequential reads of this existing database")
     a = ap.parse_args(argv)
     counts = (1000, 10_000, 100_000, 1_000_000) if a.full else (1000, 10_000, 100_000)
-    workers = tuple(int(w) for w in a.workers.split(",") if w.strip())
+    workers = None if a.workers is None else tuple(int(w) for w in a.workers.split(",") if w.strip())
     s = run(a.output_dir, n_stft=a.n_stft, n_small=a.n_small, open_counts=counts, with_pt=not a.no_pt,
             workers=workers, cold=not a.no_cold, cold_gb=a.cold_gb, cold_rounds=a.cold_rounds, kinds=not a.no_kinds)
     if a.db:

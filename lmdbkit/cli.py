@@ -36,7 +36,7 @@ def cmd_info(a) -> int:
                     "index_fields": r.index_fields, "stft": r.metadata.get("stft"),
                     "labels": r.metadata.get("labels"), "created": m.get("created"), "updated": m.get("updated"),
                     "writer_version": m.get("writer_version")}
-            info["index_values"] = {f: len(r.values(f)) for f in r.index_fields}
+            info["index_values"] = {f: len(r.value_counts(f)) for f in r.index_fields}
         out.append(info)
     if a.json:
         print(json.dumps(out if len(out) > 1 else out[0], indent=2))

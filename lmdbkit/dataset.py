@@ -427,14 +427,30 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def cores() -> int:
+    """CPU cores this process may run on (what torch's DataLoader checks num_workers against)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """DataLoader workers when none are given: 4, or fewer on a machine with fewer cores."""
+    return min(4, cores())
+
+
 def create_data_loader(db_path, transform: Callable | None = None, batch_size: int = 32, *, shuffle: bool = False,
-                       num_workers: int = 4, target_device: str | torch.device = "cpu",
+                       num_workers: int | None = None, target_device: str | torch.device = "cpu",
                        collate_fn: Callable | None = None, seed: int = 0, drop_last: bool = False,
                        persistent_workers: bool | None = None, prefetch_factor: int | None = None,
                        multiprocessing_context: str | None = None, **dataset_kw) -> DataLoader:
     """A DataLoader over ``LMDBDataset(db_path)``: seeded shuffling and workers, persistent workers, pinned
     memory when ``target_device`` is CUDA, and a ShardSampler by itself when torch.distributed is
-    initialised (call ``loader.sampler.set_epoch(epoch)`` each epoch, as with DistributedSampler)."""
+    initialised (call ``loader.sampler.set_epoch(epoch)`` each epoch, as with DistributedSampler).
+    ``num_workers=None``: ``default_workers()`` (4, or the number of cores if fewer)."""
+    if num_workers is None:
+        num_workers = default_workers()
     if isinstance(db_path, Dataset):
         ds = db_path
     else:
@@ -457,7 +473,7 @@ def create_data_loader(db_path, transform: Callable | None = None, batch_size: i
                       multiprocessing_context=multiprocessing_context if workers else None)
 
 
-def create_train_val_loaders(train_db_path, val_db_path, batch_size: int = 32, num_workers: int = 4,
+def create_train_val_loaders(train_db_path, val_db_path, batch_size: int = 32, num_workers: int | None = None,
                              target_device: str | torch.device = "cpu", *, transform: Callable | None = None,
                              val_transform: Callable | None = None, seed: int = 0,
                              **kw) -> tuple[DataLoader, DataLoader]:

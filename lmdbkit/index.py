@@ -2,7 +2,7 @@
 
 An index maps a field's value (int, str or bool, stored canonically as its JSON text, so 1, "1" and true
 stay distinct) to the sorted indices of the items holding it, in the ``index:<field>`` sub-database.
-``Reader.query(label=1, category="A")`` intersects several; ``Reader.values(field)`` counts the values.
+``Reader.query(label=1, category="A")`` intersects several; ``Reader.value_counts(field)`` counts the values.
 """
 
 from __future__ import annotations

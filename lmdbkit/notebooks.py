@@ -94,8 +94,9 @@ def run(name: str, output: str | Path, *, profile: str | None = "demo", paramete
     params.update(parameters or {})
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # the kernel's own log would warn on every run that its local TCP sockets are not encrypted
     pm.execute_notebook(str(src), str(output), parameters=params, cwd=str(cwd), kernel_name="python3",
-                        progress_bar=progress, log_output=False)
+                        progress_bar=progress, log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
     return output
 
 
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(name, out, profile=a.profile)
         except Exception as exc:
-            print(f"FAILED: notebooks/{name}.ipynb: {exc}\nThe executed notebook with the error is {out}",
-                  file=sys.stderr)
+            where = (f"The executed notebook with the error is {out.resolve()}" if out.exists()
+                     else "No executed notebook was written (it failed before running)")
+            print(f"FAILED: notebooks/{name}.ipynb: {exc}\n{where}", file=sys.stderr)
             return 1
         print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0

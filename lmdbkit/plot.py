@@ -30,7 +30,7 @@ def class_balance(paths: Iterable[str | os.PathLike], field: str = "label_name")
             f = field if field in r.index_fields else ("label" if "label" in r.index_fields else None)
             if f is None:
                 raise ValueError(f"{p} has no index on {field!r} or 'label'; indexed fields are {r.index_fields}")
-            for value, n in r.values(f):
+            for value, n in r.value_counts(f):
                 counts.setdefault(store.split_name(p), {}).setdefault(value, 0)
                 counts[store.split_name(p)][value] += n
     classes = sorted({c for d in counts.values() for c in d}, key=str)
@@ -367,7 +367,7 @@ def choose_spot_check(reader, *, indices=None, per_label: int = 2, seed: int = 0
     fields = [f for f in ((label_field,) if label_field else ("label", "label_name")) if f in reader.index_fields]
     if fields:
         out = []
-        for value, _count in reader.values(fields[0]):
+        for value, _count in reader.value_counts(fields[0]):
             members = reader.query(**{fields[0]: value})
             out += sorted(rng.choice(members, size=min(per_label, len(members)), replace=False).tolist())
         return out

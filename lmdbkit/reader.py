@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import pickle
+import warnings
 from typing import Any, Iterable, Iterator
 
 import lmdb
@@ -22,6 +23,12 @@ from . import codec, heap, store
 from .errors import (CorruptItemError, DamagedDatabaseError, IndexNotFoundError, LmdbkitError, NotADatabaseError,
                      UnsafeFormatError)
 from .writer import index_value
+
+
+def _deprecated_values(reader, field: str) -> list[tuple[Any, int]]:
+    warnings.warn("Reader.values(field) is renamed value_counts(field) (it returns (value, count) pairs of an "
+                  "index, not the items); values() will be removed", DeprecationWarning, stacklevel=3)
+    return reader.value_counts(field)
 
 _LEGACY_LEN_KEYS = (b"__len__", b"length", b"__length__", b"len", b"num_samples")
 ITER_CHUNK = 64  # items per read transaction while iterating
@@ -383,12 +390,16 @@ class Reader:
                 result = found if result is None else result & found
         return sorted(result or ())
 
-    @_lmdb_errors
     def values(self, field: str) -> list[tuple[Any, int]]:
+        """Deprecated name of ``value_counts`` (it read as the dict method beside ``keys()`` and ``get()``)."""
+        return _deprecated_values(self, field)
+
+    @_lmdb_errors
+    def value_counts(self, field: str) -> list[tuple[Any, int]]:
         """The distinct values of an indexed field with their item counts, as (value, count) pairs.
 
         Pairs, not a dict, because a field may hold both 1 and True (or 0 and False), which the index keeps
-        apart and a dict would merge; ``dict(reader.values("label"))`` is fine for a field of one type.
+        apart and a dict would merge; ``dict(reader.value_counts("label"))`` is fine for a field of one type.
         """
         out: list[tuple[Any, int]] = []
         with self._txn() as txn:
@@ -542,10 +553,14 @@ class MultiReader:
         return [off + j for r, off in zip(self.readers, self.offsets) for j in r.query(**conditions)]
 
     def values(self, field: str) -> list[tuple[Any, int]]:
+        """Deprecated name of ``value_counts``."""
+        return _deprecated_values(self, field)
+
+    def value_counts(self, field: str) -> list[tuple[Any, int]]:
         """Distinct values of an indexed field with their counts, over every database."""
         merged: dict[tuple[str, Any], list] = {}
         for r in self.readers:
-            for v, n in r.values(field):
+            for v, n in r.value_counts(field):
                 merged.setdefault((type(v).__name__, v), [v, 0])[1] += n
         return [(v, n) for v, n in merged.values()]
 

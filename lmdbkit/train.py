@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import store
-from .dataset import SpectrogramTransform, create_train_val_loaders
+from .dataset import SpectrogramTransform, create_train_val_loaders, default_workers
 from .errors import LmdbkitError
 from .reader import Reader
 from .stft import resolve_device
@@ -72,13 +72,15 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = None, batch_size: int = 32,
-          num_workers: int = 4, lr: float = 3e-3, device: str = "auto", seed: int = 0, frames: int = 64,
+          num_workers: int | None = None, lr: float = 3e-3, device: str = "auto", seed: int = 0, frames: int = 64,
           width: int = 8, log_every: int = 10, record_indices: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train SmallCNN on ``train_db`` for ``steps`` optimizer steps (or until ``max_seconds``), evaluate on
     ``val_db``; returns the figures (see the module docstring). Reproducible for a given seed."""
     if not isinstance(steps, int) or steps < 1:
         raise LmdbkitError(f"steps={steps!r}: give a positive number of optimizer steps")
     dev = resolve_device(device)
+    if num_workers is None:
+        num_workers = default_workers()
     rank, world = _init_distributed(dev)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -87,7 +89,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
     with Reader(store.resolve_paths(train_db)[0]) as r:
         labels = r.metadata.get("labels")
         if not labels and "label" in r.index_fields:
-            labels = {str(v): v for v, _ in r.values("label")}
+            labels = {str(v): v for v, _ in r.value_counts("label")}
     if not labels:
         raise LmdbkitError(f"{train_db}: no label map in the metadata and no index on 'label'; "
                            "train needs labelled items (precompute writes both)")
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-seconds", type=float)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-workers", type=int, default=4)
+    ap.add_argument("--num-workers", type=int, help="DataLoader workers (default: 4, or the cores here if fewer)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)

@@ -95,7 +95,7 @@ class Browser:
         self.cfg = plot.stft_config(self.reader)
         field = self._label_field or next((f for f in ("label_name", "label") if f in self.reader.index_fields), None)
         self.label_field = field
-        self._label_values = {str(v): v for v, _ in self.reader.values(field)} if field else {}
+        self._label_values = {str(v): v for v, _ in self.reader.value_counts(field)} if field else {}
         options = [ALL, *self._label_values]
         with self._quietly():
             self.label.options = options

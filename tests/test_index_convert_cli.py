@@ -37,7 +37,7 @@ def test_queries_match_brute_force(tmp_path_factory, rows, q1, q2):
     counts = {}
     for a, _ in rows:
         counts[(type(a), a)] = counts.get((type(a), a), 0) + 1
-    assert {(type(k), k): v for k, v in r.values("a")} == counts and len(r.values("a")) == len(counts)
+    assert {(type(k), k): v for k, v in r.value_counts("a")} == counts and len(r.value_counts("a")) == len(counts)
     r.close()
 
 
@@ -293,7 +293,7 @@ def test_nested_fields_indexed_and_queried_where_they_live(tmp_path):
         a = [i for i in range(12) if i % 2 == 0]
         assert r.query(**{"metadata.category": "A"}) == a == r.query(metadata__category="A") == r.query(category="A")
         assert r.query(**{"metadata.category": "B", "metadata.method": "real"}) == [5, 11]
-        assert dict(r.values("method")) == {"faceswap": 4, "deepfake": 4, "real": 4}
+        assert dict(r.value_counts("method")) == {"faceswap": 4, "deepfake": 4, "real": 4}
     assert index.query_samples_by_category(path, "A") == a  # no top-level category: the nested one
     assert index.build_index(path, "metadata.source", progress=False) == 12
     assert index.build_index(path, "first", progress=False) == 12  # -> metadata.frames.first

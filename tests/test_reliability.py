@@ -414,7 +414,7 @@ def test_build_index_that_grows_the_map(tmp_path):
     n = lmdbkit.build_index(path, "cat")
     assert n == 30_000
     with lmdbkit.Reader(path) as r:
-        assert r.query(cat="c3-" + "x" * 200) == [3] and len(r.values("cat")) == 30_000
+        assert r.query(cat="c3-" + "x" * 200) == [3] and len(r.value_counts("cat")) == 30_000
 
 
 def test_absurd_headers_are_corrupt_items_only(tmp_path):

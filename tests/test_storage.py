@@ -14,6 +14,7 @@ import pytest
 
 import lmdbkit
 from lmdbkit import store
+from lmdbkit.reader import MultiReader
 from lmdbkit.errors import (ConfigMismatchError, CorruptItemError, DatabaseExistsError, DatabaseNotFoundError,
                             DuplicateKeyError, IndexNotFoundError, LmdbkitError, MapSizeLimitError,
                             NotADatabaseError, SchemaError, UnsafeFormatError)
@@ -58,7 +59,11 @@ def test_reader_decode_to_torch(small_db):
 def test_query_and_values(small_db):
     r = lmdbkit.Reader(small_db)
     assert r.query(label=1) == list(range(1, 100, 3))
-    assert r.values("label") == [(0, 34), (1, 33), (2, 33)]
+    assert r.value_counts("label") == [(0, 34), (1, 33), (2, 33)]
+    with pytest.warns(DeprecationWarning, match=r"renamed value_counts"):  # the old name still works
+        assert r.values("label") == r.value_counts("label")
+    with pytest.warns(DeprecationWarning), MultiReader([small_db, small_db]) as m:
+        assert m.values("label") == [(0, 68), (1, 66), (2, 66)]
     assert r.query(label=7) == []
     with pytest.raises(IndexNotFoundError, match=r"no index on 'category'; indexed fields are \['label'\]"):
         r.query(category="A")
