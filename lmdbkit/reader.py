@@ -269,6 +269,21 @@ class Reader:
     def _keys_db(self):
         return self._handle().db(store.KEYS)
 
+    @_lmdb_errors
+    def near_keys(self, key: str, n: int = 3) -> list[str]:
+        """Up to ``n`` stored keys most like ``key`` among its sorted neighbours (for "did you mean")."""
+        if self.legacy:
+            return []
+        kb, m = key.encode(), 4 * n
+        with self._txn() as txn:  # the 4n keys after where ``key`` would sort, and the 4n before it
+            cur = txn.cursor(db=self._keys_db())
+            inside = cur.set_range(kb)
+            found = [bytes(k).decode() for k, _ in zip(cur.iternext(values=False), range(m))] if inside else []
+            if (cur.set_range(kb) and cur.prev()) or (not inside and cur.last()):
+                found += [bytes(k).decode() for k, _ in zip(cur.iterprev(values=False), range(m))]
+        import difflib
+        return difflib.get_close_matches(key, found, n, 0.0)
+
     def get(self, key: str, default: Any = KeyError) -> dict:
         """The item written under ``key``; KeyError (naming the key and path) if absent, unless a default is given."""
         j = self.index_of(key)
@@ -510,6 +525,11 @@ class MultiReader:
     def key_of(self, i: int) -> str | None:
         reader, j = self.locate(i)
         return reader.key_of(j)
+
+    def near_keys(self, key: str, n: int = 3) -> list[str]:
+        """Up to ``n`` stored keys most like ``key``, over every database."""
+        import difflib
+        return difflib.get_close_matches(key, [k for r in self.readers for k in r.near_keys(key, n)], n, 0.0)
 
     def keys(self) -> list[str]:
         return [k for r in self.readers for k in r.keys()]

@@ -4,6 +4,7 @@ slider, and see the index and the rendered spectrogram change. Screenshots go to
 Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it). Skip locally with -m "not browser".
 """
 
+import json
 import os
 import secrets
 import shutil
@@ -132,6 +133,9 @@ def test_inspect_notebook_in_jupyterlab(lab):
             after_img = plot_img.get_attribute("src")
             number = page.locator(".widget-inline-hbox input[type=number]").first.input_value()
             page.screenshot(path=str(ARTIFACTS / "2-after-slider.png"), full_page=True)
+            steps = _step_latencies(page, handle, first=3, n=STEPS)
+            page.screenshot(path=str(ARTIFACTS / "3-after-steps.png"), full_page=True)
+            images = page.locator(".jp-Cell:has(img.widget-image) .jp-OutputArea-output img").count()
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
             raise
@@ -140,5 +144,58 @@ def test_inspect_notebook_in_jupyterlab(lab):
     assert after_text.startswith("item 3 of") and after_text != before_text, after_text
     assert number == "3"  # the linked number box followed the slider
     assert caption.startswith("#3 ") and caption.split()[1] in after_text  # the figure shows item 3 ...
-    assert after_img != before_img and after_img.startswith("data:image/png")  # ... a different spectrogram
-    (ARTIFACTS / "timing.txt").write_text(f"browser part: {time.time() - t0:.1f} s\n{before_text}\n{after_text}\n")
+    assert after_img != before_img  # ... a different spectrogram
+    assert images == 1, f"{images} images in the browser's cell: a stale second figure is shown"
+    bad = [s for s in steps if not s["caption_ok"] or not s["number_ok"]]
+    assert not bad, f"a step showed another item than its index box and caption say: {bad[:3]}"
+    assert all(s["blank"] is False for s in steps), "the image went blank between items"
+    assert max(abs(s["shift_px"]) for s in steps) == 0, "the page moved between items"
+    ms = sorted(s["ms"] for s in steps)
+    report = {"steps": len(ms), "median_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)], "max_ms": ms[-1],
+              "all_ms": [round(s["ms"], 1) for s in steps], "browser_part_s": round(time.time() - t0, 1)}
+    (ARTIFACTS / "step_latency.json").write_text(json.dumps(report, indent=2))
+    print(f"step latency (keypress -> new spectrogram painted), {len(ms)} steps: median {report['median_ms']:.0f} ms, "
+          f"p90 {report['p90_ms']:.0f} ms, max {report['max_ms']:.0f} ms")
+
+
+STEPS = 24
+_WATCH = """([handleSel, expected]) => { window.__lmdbkitStep = new Promise((resolve, reject) => {
+    // from the key press to the new item's spectrogram decoded and painted, watching for a blank image and
+    // for anything on the page moving
+    const img = document.querySelector('img.widget-image');
+    const player = document.querySelector('audio') || img;
+    const top = player.getBoundingClientRect().top;
+    const before = img.getAttribute('src');
+    let t0 = null, blank = false;
+    const onKey = () => { t0 = performance.now(); };
+    document.addEventListener('keydown', onKey, {capture: true, once: true});
+    const srcWatch = new MutationObserver(() => { if (!img.getAttribute('src')) blank = true; });
+    srcWatch.observe(img, {attributes: true, attributeFilter: ['src']});
+    const timer = setTimeout(() => reject(new Error('no new item after 10 s')), 10000);
+    const poll = async () => {
+        const cap = document.querySelector('.lmdbkit-caption');
+        if (t0 !== null && img.getAttribute('src') !== before && cap && cap.innerText.startsWith('#' + expected + ' ')) {
+            await img.decode().catch(() => {});
+            await new Promise(r => requestAnimationFrame(r));  // the frame that paints it
+            const ms = performance.now() - t0;
+            srcWatch.disconnect(); clearTimeout(timer);
+            const number = [...document.querySelectorAll('.widget-inline-hbox input[type=number]')][0].value;
+            resolve({ms, blank, caption_ok: true, number_ok: number === String(expected),
+                     shift_px: player.getBoundingClientRect().top - top});
+        } else {
+            requestAnimationFrame(poll);
+        }
+    };
+    requestAnimationFrame(poll);
+}); return true; }"""
+
+
+def _step_latencies(page, handle, *, first: int, n: int) -> list[dict]:
+    """Press ArrowRight n times on the slider, one step at a time, timing each in the page itself."""
+    out = []
+    for k in range(n):
+        expected = first + k + 1
+        page.evaluate(_WATCH, [".widget-hslider .noUi-handle", expected])
+        handle.press("ArrowRight")
+        out.append(page.evaluate("() => window.__lmdbkitStep"))
+    return out

@@ -1,5 +1,6 @@
 """The browser's logic, headless (no frontend): set a widget's value and check what it shows."""
 
+import ipywidgets
 import numpy as np
 import pytest
 
@@ -26,38 +27,63 @@ def test_slider_shows_that_item(browser, demo_data):
     r = lmdbkit.Reader(demo_data / "train.lmdb")
     expected = r[7]
     assert browser.current == 7 and browser.number.value == 7 and browser.reads == 2  # one read per move
-    assert browser.figure.axes[0].get_title() == f"#7 {r.key_of(7)} [{expected['label_name']}]"
+    assert browser.key.value == r.key_of(7)  # the key box names the item on screen
+    title = f"#7 {r.key_of(7)} [{expected['label_name']}]"
+    assert f"<span class='lmdbkit-caption'>{title}</span> · peak " in browser.caption.value.replace("&#x27;", "'")
     cfg = plot.stft_config(r)
-    assert np.allclose(_image(browser.figure), lmdbkit.stft.to_db(expected["stft"], cfg))
+    db = lmdbkit.stft.to_db(expected["stft"], cfg)
+    assert np.allclose(_image(browser.figure), db - db.max())  # dB below the item's peak: one fixed colour bar
     ax = browser.figure.axes[0]
     assert ax.get_xlabel() == "time (s)" and ax.get_ylabel() == "frequency (Hz)"
     assert ax.get_images()[0].get_extent()[3] == pytest.approx(cfg.sample_rate / 2)
+    assert browser.image.value[:8] == b"\x89PNG\r\n\x1a\n" and len(browser.image.value) > 10_000
     assert f"item 7</b> of {len(r)}" in browser.status.value and r.key_of(7) in browser.status.value
     assert "label_name" in browser.table.value and expected["path"] in browser.table.value
-    browser.number.value = 3  # the number box moves the slider, and the other way round
-    assert browser.slider.value == 3 and browser.current == 3
+    browser.number.value = 3  # the index box goes to that item, and the slider follows
+    assert browser.slider.value == 3 and browser.current == 3 and browser.reads == 3
+    assert isinstance(browser, ipywidgets.VBox) and ipywidgets.VBox([browser]).children[0] is browser
 
 
 def test_label_filter_key_box_split_and_audio(browser, demo_data):
+    r = lmdbkit.Reader(demo_data / "train.lmdb")
     browser.label.value = "tone_high"
     assert browser.sample["label_name"] == "tone_high" and browser.slider.max == len(browser.view) - 1
     browser.slider.value = browser.slider.max
     assert browser.sample["label_name"] == "tone_high"
-    key = lmdbkit.Reader(demo_data / "train.lmdb").key_of(11)
+    assert browser.number.value == browser.view[-1] == browser.current  # the item's index, not its position
+    inside = browser.view[1]
+    browser.number.value = inside  # an index inside the filter keeps it
+    assert browser.label.value == "tone_high" and browser.slider.value == 1
+    key = r.key_of(11)
     browser.key.value = key
-    assert browser.current == 11 and browser.label.value == ALL
+    assert browser.current == 11 and browser.number.value == 11
+    assert browser.label.value == (ALL if r[11]["label_name"] != "tone_high" else "tone_high")
+    with lmdbkit.Reader(demo_data / "val.lmdb") as v:
+        in_val = {name for name, _ in v.value_counts("label_name")}
+    shared = sorted(in_val)[0]
+    browser.label.value = shared
     reads = browser.reads
-    browser.split.value = "val"
-    assert browser.reader.path.endswith("val.lmdb") and browser.current == 0 and browser.reads == reads + 1
+    browser.split.value = "val"  # the label filter stays where that label exists ...
+    assert browser.reader.path.endswith("val.lmdb") and browser.reads == reads + 1
+    assert browser.label.value == shared and browser.sample["label_name"] == shared
+    missing = sorted({r[i]["label_name"] for i in range(len(r))} - in_val)
+    if missing:  # ... and is cleared where it does not
+        browser.split.value = "train"
+        browser.label.value = missing[0]
+        browser.split.value = "val"
+        assert browser.label.value == ALL
+        browser.label.value = shared
     import io
     import soundfile as sf
-    y, sr = sf.read(io.BytesIO(browser.player.data))  # a complex item gets a player of its inverse STFT
+    y, sr = sf.read(io.BytesIO(browser.player.value))  # a complex item gets a player of its inverse STFT
     assert sr == 16000 and len(y) == round(browser.sample["duration_s"] * 16000) and np.abs(y).max() > 0.5
+    assert browser.player.layout.display is None
 
 
 def test_callback_errors_are_shown_not_lost(browser):
-    browser.key.value = "no/such/key.wav#0"
-    assert "KeyError" in browser.last_error and "no/such/key.wav#0" in browser.status.value
+    browser.key.value = "tone_low/tone_low_00.wav#0"
+    assert "KeyError" in browser.last_error and "tone_low/tone_low_00.wav#0" in browser.status.value
+    assert "nearest keys: tone_low/tone_low_00" in browser.last_error  # a wrong key suggests near ones
     browser.slider.value = 2  # and the browser keeps working
     assert browser.current == 2 and browser.last_error is None
 
@@ -71,6 +97,7 @@ def test_generic_database_and_legacy_refusal(tmp_path):
             w.append({"image": np.full((8, 8, 3), i, np.uint8), "curve": np.sin(np.arange(20) + i), "tag": f"t{i}"})
     b = Browser(p)
     assert b.cfg is None and len(b.figure.axes) >= 2 and "image (8, 8, 3) uint8" in b.figure.axes[0].get_title()
+    assert b.player.layout.display == "none" and b.image.value[:4] == b"\x89PNG"
     b.slider.value = 3
     assert b.sample["tag"] == "t3" and b.label.disabled
     b.close()
