@@ -13,12 +13,24 @@ import lmdb
 
 from .errors import CorruptItemError, DamagedDatabaseError, DiskFullError, LmdbkitError
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with the default where there is one worth saying (not None, True or False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, True, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 EPILOG = """examples:
   lmdbkit info runs/demo/data/train.lmdb
   lmdbkit verify runs/demo/data/train.lmdb
   lmdbkit query runs/demo/data/train.lmdb label_name=chirp_up --limit 5
+  lmdbkit verify runs/demo/data
   lmdbkit convert hdf5 features.h5 out/features.lmdb --index-fields label
   lmdbkit compact out/features.lmdb out/features-compact.lmdb
+  lmdbkit precompute --audio-dir my_audio --output log_mel --dtype float16
+  lmdbkit train --train-db runs/my_audio/data/train.lmdb --val-db runs/my_audio/data/val.lmdb
   lmdbkit bench --output-dir runs/bench
   lmdbkit demo
 """
@@ -127,32 +139,42 @@ def _parse_value(text: str):
 
 
 def cmd_query(a) -> int:
-    from .reader import Reader
+    from .reader import MultiReader
     conditions = {}
     for c in a.conditions:
         if "=" not in c:
             raise LmdbkitError(f"condition {c!r}: write field=value, e.g. label=3 or label_name=dog")
         k, v = c.split("=", 1)
         conditions[k] = _parse_value(v)
-    with Reader(a.path) as r:
+    with MultiReader(a.path) as r:  # a database, a folder of them (a split folder's shards) or a glob
         idx = r.query(**conditions)
         shown = idx[: a.limit] if a.limit else idx
         rows = [{"index": i, "key": r.key_of(i)} for i in shown]
+        if len(r.paths) > 1:
+            for row in rows:
+                row["database"] = str(r.locate(row["index"])[0].path)
+        existing = {} if idx else {f: [v for v, _ in r.value_counts(f)] for f in conditions}
     if a.json:
-        print(json.dumps({"count": len(idx), "items": rows}, indent=2))
-    else:
-        print(f"{len(idx)} items match {conditions}")
-        for row in rows:
-            print(f"{row['index']:>10}  {row['key']}")
-        if len(shown) < len(idx):
-            print(f"... {len(idx) - len(shown)} more (--limit)")
+        print(json.dumps({"count": len(idx), "items": rows, **({"values": existing} if existing else {})}, indent=2,
+                         default=str))
+        return 0
+    print(f"{len(idx)} items match {conditions}")
+    for row in rows:
+        print(f"{row['index']:>10}  {row['key']}" + (f"  ({row['database']})" if "database" in row else ""))
+    if len(shown) < len(idx):
+        print(f"... {len(idx) - len(shown)} more (--limit)")
+    for f, values in existing.items():  # no match: what would have matched
+        listed = ", ".join(repr(v) for v in values[:30]) + (f", ... ({len(values)} in all)" if len(values) > 30 else "")
+        print(f"values of {f}: {listed}")
     return 0
 
 
 def cmd_index(a) -> int:
+    from . import store
     from .index import build_index
-    n = build_index(a.path, a.field, progress=True)
-    print(f"indexed {a.field!r} of {n} items in {a.path}")
+    for p in store.resolve_paths(a.path):  # a database, a folder of them or a glob: each gets the index
+        n = build_index(p, a.field, progress=True)
+        print(f"indexed {a.field!r} of {n} items in {p}")
     return 0
 
 
@@ -171,38 +193,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="decode every item, check checksums, count, keys and indexes "
                        "(exit 0: clean, 1: damage found, 2: usage error)")
     p.add_argument("path", help="a database, a folder of databases or a glob")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_verify)
 
     from .convert import FORMATS
     p = sub.add_parser("convert", help=f"convert from another format ({', '.join(FORMATS)}) to an lmdbkit database")
     p.add_argument("format", choices=FORMATS, help="pt: folder of per-batch .pt files; zarr: a Zarr group (v2/v3); "
                    "hdf5: an HDF5 file; numpy: folder of .npy or an .npz; legacy: pickle-in-LMDB")
-    p.add_argument("src")
+    p.add_argument("src", help="what to convert: a folder, file or legacy database, per FORMAT")
     p.add_argument("dest", help="the new database (a <name>.lmdb folder)")
     p.add_argument("--index-fields", nargs="*", default=[], help="fields to index (e.g. label category)")
     p.add_argument("--mode", default="append", choices=("append", "overwrite", "create"),
                    help="append (default) also resumes an interrupted conversion")
     p.add_argument("--allow-pickle", action="store_true", help="legacy and pickled .pt sources only: trust the file")
     p.add_argument("--field", default="array", help="numpy .npy folders: the field name of each array")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("compact", help="write a compacted copy (free pages dropped)")
-    p.add_argument("src")
-    p.add_argument("dest")
+    p.add_argument("src", help="one database (a <name>.lmdb folder), marked complete")
+    p.add_argument("dest", help="a new, empty path for the copy")
     p.set_defaults(fn=cmd_compact)
 
-    p = sub.add_parser("query", help="items whose indexed fields equal the given values")
-    p.add_argument("path")
+    p = sub.add_parser("query", help="items whose indexed fields equal the given values (none: the values there are)")
+    p.add_argument("path", help="a database, a folder of databases (e.g. a split's shards) or a glob")
     p.add_argument("conditions", nargs="+", metavar="FIELD=VALUE", help="e.g. label=3 category=A (values as JSON or text)")
     p.add_argument("--limit", type=int, default=20, help="items to list (0: all; default 20)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_query)
 
-    p = sub.add_parser("index", help="build a secondary index on a field of an existing database")
-    p.add_argument("path")
-    p.add_argument("field")
+    p = sub.add_parser("index", help="build a secondary index on a field of existing databases")
+    p.add_argument("path", help="a database, a folder of databases or a glob (each is indexed)")
+    p.add_argument("field", help="the field, e.g. label or metadata.category")
     p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser("bench", help="benchmarks (python -m lmdbkit.bench); arguments pass through",
@@ -210,17 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=lambda a: __import__("lmdbkit.bench", fromlist=["main"]).main(a.args))
 
+    for name, what in (("precompute", "audio folder -> train/val/test databases of spectrograms"),
+                       ("train", "train a small CNN from the databases (the smoke test)")):
+        p = sub.add_parser(name, help=f"{what} (python -m lmdbkit.{name}); see lmdbkit {name} --help",
+                           add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("demo", help="run the notebooks on the embedded demo corpus (as `make demo`)")
-    p.add_argument("--runs", default="runs/demo")
+    p.add_argument("--runs", default="runs/demo", help="folder for the executed notebooks (default runs/demo)")
     p.set_defaults(fn=lambda a: __import__("lmdbkit.notebooks", fromlist=["main"]).main(["demo", "--runs", a.runs]))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own parser takes every argument, --help included
-        from .bench import main as bench_main
-        return bench_main(argv[1:])
+    if argv[:1] in (["bench"], ["precompute"], ["train"]):  # their own parsers take every argument, --help too
+        import importlib
+        return importlib.import_module(f"lmdbkit.{argv[0]}").main(argv[1:])
     ap = build_parser()
     a = ap.parse_args(argv)
     try:

@@ -481,56 +481,71 @@ def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | o
             "num_workers": num_workers}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter
+    """The options of precompute(), each with its help and default (``lmdbkit precompute --help``)."""
+    ap = argparse.ArgumentParser(prog="lmdbkit precompute", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    add = ap.add_argument
+    add("--audio-dir", help="folder of audio, one subfolder per class; none: the embedded demo corpus")
+    add("--output-dir", help="where <split>.lmdb go; none: runs/demo/data for the demo, runs/<audio folder's "
+                             "name>/data for --audio-dir")
+    add("--manifest", help="CSV with columns path,label[,split] (paths relative to --audio-dir)")
+    add("--demo-dir", default=DEFAULT_DEMO_DIR, help="where the demo corpus is generated without --audio-dir")
+    add("--demo-clips-per-class", type=int, default=40, help="size of the demo corpus (8 classes)")
+    add("--map-size-gb", type=float, help="initial LMDB map in GiB; none: start small and grow by doubling")
+    add("--max-size-gb", type=float, help="refuse to grow a database past this many GiB; none: no limit")
+    add("--sample-rate", type=int, default=16000, help="every file is resampled to this rate (Hz)")
+    add("--mono", default="mean", choices=audio.MONO_POLICIES, help="channels: downmix, first, or keep them all")
+    add("--segment-seconds", type=float, help="cut files into segments of this length; none: one item per file")
+    add("--segment-hop-seconds", type=float, help="step between segment starts; none: --segment-seconds")
+    add("--pad-last", action="store_true", help="keep the last partial segment, zero-padded")
+    add("--short-files", default="pad", choices=SHORT_FILES,
+        help="a file shorter than one segment: one zero-padded item, or dropped with its reason")
+    add("--label-depth", type=int, default=0,
+        help="which folder labels a file: 0 the first below --audio-dir, 1 the next, -1 the file's own")
+    add("--n-fft", type=int, default=512, help="FFT size")
+    add("--hop-length", type=int, default=128, help="samples between frames")
+    add("--win-length", type=int, help="window length; none: --n-fft")
+    add("--window", default="hann", help="hann, hamming, blackman, bartlett or rectangular")
+    add("--no-center", dest="center", action="store_false",
+        help="do not pad so that frame t is centred on sample t * hop_length")
+    add("--output", default="complex", choices=OUTPUTS, help="what is stored")
+    add("--dtype", help="complex64 (complex output) or float32 (others) when not given; complex32 and float16 "
+                        "halve the bytes; also complex128, bfloat16, float64")
+    add("--n-mels", type=int, default=80, help="mel outputs: number of mel bands")
+    add("--f-min", type=float, default=0.0, help="mel outputs: lowest band edge (Hz)")
+    add("--f-max", type=float, help="mel outputs: highest band edge (Hz); none: sample_rate / 2")
+    add("--mel-scale", default="slaney", choices=MEL_SCALES, help="mel scale (slaney: librosa's; htk: torchaudio's)")
+    add("--mel-norm", default="slaney", type=lambda v: None if v == "none" else v, choices=MEL_NORMS,
+        metavar="{slaney,none}", help="slaney: each band's area is 1; none: peak 1")
+    add("--n-mfcc", type=int, default=40, help="mfcc: coefficients kept")
+    add("--top-db", type=float, help="log outputs: clip each item at its max minus this many dB; none: no "
+                                     "clipping (mfcc: 80)")
+    add("--splits", type=json.loads, help='split fractions as JSON, e.g. \'{"train": 0.8, "val": 0.1, "test": 0.1}\'; '
+                                          "none: 0.8/0.1/0.1")
+    add("--split-seed", type=int, default=0, help="changes the hash-based split assignment")
+    add("--index-fields", nargs="*", default=["label", "label_name"], help="fields with a secondary index")
+    add("--num-workers", type=int, default=2, help="DataLoader worker processes that decode audio")
+    add("--batch-size", type=int, default=16, help="files per STFT batch")
+    add("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    add("--limit", type=int, help="process only the first N files (sorted by path); none: all")
+    add("--strict", action="store_true", help="stop at the first bad file instead of skipping and reporting it")
+    add("--mode", default="append", choices=MODES, help="append: create or resume; overwrite: start over; "
+                                                        "create: refuse existing databases")
+    add("--shard-index", type=int, help="this shard; none: torchrun's RANK, else 0")
+    add("--num-shards", type=int, help="number of shards; none: torchrun's WORLD_SIZE, else 1")
+    add("--commit-items", type=int, default=1000, help="commit at least every N items: a killed run loses at "
+                                                       "most this much work")
+    add("--no-durable", dest="durable", action="store_false",
+        help="skip the fsync per commit (an OS crash may then lose the last commits; a killed run does not)")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line (also under torchrun: each rank writes its shard)."""
-    ap = argparse.ArgumentParser(prog="python -m lmdbkit.precompute", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--audio-dir", help="folder of audio, one subfolder per class (default: the demo corpus)")
-    ap.add_argument("--output-dir", help="where <split>.lmdb go (default: runs/demo/data for the demo, "
-                                         "runs/<audio folder's name>/data for --audio-dir)")
-    ap.add_argument("--manifest")
-    ap.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR)
-    ap.add_argument("--map-size-gb", type=float)
-    ap.add_argument("--sample-rate", type=int, default=16000)
-    ap.add_argument("--mono", default="mean", choices=audio.MONO_POLICIES)
-    ap.add_argument("--segment-seconds", type=float)
-    ap.add_argument("--segment-hop-seconds", type=float)
-    ap.add_argument("--pad-last", action="store_true")
-    ap.add_argument("--short-files", default="pad", choices=SHORT_FILES,
-                    help="a file shorter than one segment: pad (default: one zero-padded item) or drop")
-    ap.add_argument("--label-depth", type=int, default=0,
-                    help="which folder labels a file: 0 the first below --audio-dir (default), 1 the next, -1 its own")
-    ap.add_argument("--n-fft", type=int, default=512)
-    ap.add_argument("--hop-length", type=int, default=128)
-    ap.add_argument("--win-length", type=int)
-    ap.add_argument("--window", default="hann")
-    ap.add_argument("--no-center", dest="center", action="store_false")
-    ap.add_argument("--output", default="complex", choices=OUTPUTS,
-                    help="what is stored: the complex STFT (default), magnitude, power, db, mel, log_mel or mfcc")
-    ap.add_argument("--dtype", help="complex64 (default), complex32 (half size) or complex128 for complex output; "
-                                    "float32 (default), float16, bfloat16 or float64 otherwise")
-    ap.add_argument("--n-mels", type=int, default=80, help="mel outputs: number of mel bands (default 80)")
-    ap.add_argument("--f-min", type=float, default=0.0, help="mel outputs: lowest frequency in Hz (default 0)")
-    ap.add_argument("--f-max", type=float, help="mel outputs: highest frequency in Hz (default sample_rate / 2)")
-    ap.add_argument("--mel-scale", default="slaney", choices=MEL_SCALES, help="mel scale (default slaney)")
-    ap.add_argument("--mel-norm", default="slaney", type=lambda v: None if v == "none" else v,
-                    choices=MEL_NORMS, help="slaney: each band's area is 1 (default); none: peak 1")
-    ap.add_argument("--n-mfcc", type=int, default=40, help="mfcc: coefficients kept (default 40)")
-    ap.add_argument("--top-db", type=float, help="log outputs: clip each item at its max minus this many dB "
-                                                 "(default none; mfcc 80)")
-    ap.add_argument("--splits", type=json.loads, help='JSON, e.g. \'{"train": 0.8, "val": 0.1, "test": 0.1}\'')
-    ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--limit", type=int)
-    ap.add_argument("--strict", action="store_true")
-    ap.add_argument("--mode", default="append", choices=MODES)
-    ap.add_argument("--shard-index", type=int)
-    ap.add_argument("--num-shards", type=int)
-    ap.add_argument("--demo-clips-per-class", type=int, default=40)
-    ap.add_argument("--commit-items", type=int, default=1000,
-                    help="commit at least every N items: a killed run loses at most this much work")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap = build_parser()
     a = vars(ap.parse_args(argv))
     try:
         summary = precompute(a.pop("audio_dir"), **a)

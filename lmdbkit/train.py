@@ -274,22 +274,31 @@ def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_rat
     return "train smoke test passed: the loss fell " + f"{first:.3f} -> {final:.3f}; " + "; ".join(basis)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter
+    """The options of train(), each with its help and default (``lmdbkit train --help``)."""
+    ap = argparse.ArgumentParser(prog="lmdbkit train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    add = ap.add_argument
+    add("--train-db", required=True, help="train database, folder of shards or glob")
+    add("--val-db", required=True, help="validation database, folder of shards or glob")
+    add("--steps", type=int, default=300, help="optimizer steps")
+    add("--max-seconds", type=float, help="stop earlier after this many seconds; none: run every step")
+    add("--batch-size", type=int, default=32, help="items per batch (per rank)")
+    add("--num-workers", type=int, help="DataLoader workers; none: 4, or the cores here if fewer")
+    add("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
+    add("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    add("--seed", type=int, default=0, help="seeds the model, the shuffling and the workers")
+    add("--frames", type=int, default=64, help="items are cropped (randomly in training) or padded to this")
+    add("--width", type=int, default=8, help="channels of the first conv layer (doubling per layer)")
+    add("--record-indices", action="store_true", help="record each epoch's sample indices per rank")
+    add("--output-dir", help="each rank writes train_rank<r>.json here; none: print rank 0's result only")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lmdbkit.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train-db", required=True)
-    ap.add_argument("--val-db", required=True)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--max-seconds", type=float)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-workers", type=int, help="DataLoader workers (default: 4, or the cores here if fewer)")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--frames", type=int, default=64)
-    ap.add_argument("--width", type=int, default=8, help="channels of the first conv layer")
-    ap.add_argument("--record-indices", action="store_true", help="record each epoch's sample indices per rank")
-    ap.add_argument("--output-dir", help="each rank writes train_rank<r>.json here")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap = build_parser()
     a = vars(ap.parse_args(argv))
     out = a.pop("output_dir")
     try:

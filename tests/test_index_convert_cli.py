@@ -357,3 +357,36 @@ def test_pt_batches_with_labels_sliced_from_a_batch_tensor_convert_indexed(tmp_p
     with lmdbkit.Reader(tmp_path / "pt.lmdb") as r:
         assert r.index_fields == ["label", "metadata.category"]
         assert r.query(label=1) == [1, 3] and r.query(category="B") == [1, 4]
+
+
+def test_query_and_index_take_a_split_folder_and_a_miss_lists_the_values(demo_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    res = _lmdbkit("query", data, "label_name=doggo")
+    assert res.returncode == 0 and "0 items match" in res.stdout
+    assert "values of label_name: 'chirp_down', 'chirp_up'" in res.stdout  # what would have matched
+    res = _lmdbkit("query", data, "label=2", "--limit", "0")
+    with _multi(data) as m:
+        assert res.stdout.count("\n") - 1 == len(m.query(label=2)) and "train.lmdb)" in res.stdout
+    res = _lmdbkit("index", data, "segment")
+    assert res.returncode == 0 and res.stdout.count("indexed 'segment'") == 3
+    assert _lmdbkit("query", data / "*.lmdb", "segment=0").returncode == 0
+    assert _lmdbkit("verify", data).returncode == 0
+
+
+def _multi(path):
+    from lmdbkit.reader import MultiReader
+    return MultiReader(path)
+
+
+@pytest.mark.parametrize("command", ["precompute", "train"])
+def test_precompute_and_train_commands_document_every_option(command):
+    import importlib
+    ap = importlib.import_module(f"lmdbkit.{command}").build_parser()
+    for action in ap._actions:
+        assert action.help, f"lmdbkit {command}: {action.option_strings} has no help"
+    res = _lmdbkit(command, "--help")
+    assert res.returncode == 0 and res.stdout.startswith(f"usage: lmdbkit {command}")
+    if command == "precompute":
+        assert "--index-fields" in res.stdout and "(default: 512)" in res.stdout
