@@ -549,7 +549,7 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
     cold: also read a ``cold_gb`` GB database with the page cache dropped (``bench_cold``), ``cold_reads``
     items per single/batch timing, the median of ``cold_rounds`` rounds. kinds: also compare the stored
     feature kinds and dtypes on real speech (``bench_kinds``: bytes per audio-second, error, read speed)."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
     if workers is None:
         workers = default_worker_counts()
     out = Path(output_dir)

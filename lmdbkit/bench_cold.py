@@ -36,7 +36,7 @@ PT_MAX_ITEMS = 64  # a cold .pt read loads a whole batch file per item: this man
 def write_cold_set(workdir: Path, gb: float, *, with_pt: bool = True, progress: bool = False) -> dict[str, Path]:
     """Write ~gb GB of STFT items with lmdbkit, as pickle-in-LMDB and (with_pt) as .pt batches, generated a
     batch at a time so that the set need not fit in memory. Returns the paths by method."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
     import torch
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

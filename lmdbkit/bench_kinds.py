@@ -87,7 +87,7 @@ def _timed_reads(path: Path, order: list[int], *, min_seconds: float) -> float:
 def bench_kinds(workdir: str | Path, *, min_seconds: float = 0.3, kinds=KINDS, progress: bool = True) -> dict:
     """The table of kinds. Warm: random single reads repeated for at least min_seconds; cold: every item once
     in random order, right after the page cache was dropped."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     corpus, clips = load_corpus(work)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .errors import LmdbkitError, UnsafeFormatError
 from .reader import Reader

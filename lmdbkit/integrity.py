@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import lmdb
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import codec, store
 from .errors import CorruptItemError, LmdbkitError

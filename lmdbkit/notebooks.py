@@ -26,16 +26,19 @@ def start(namespace: dict) -> Path:
     """The first cell after a notebook's parameters: refuse a parameter the notebook does not declare, and make
     relative paths mean the same files in JupyterLab (whose kernel starts in ``notebooks/``) as in papermill
     run from the project root. Returns the working directory that relative paths are taken from."""
-    check_parameters(namespace)
+    if check_parameters(namespace):
+        from .progress import set_headless
+        set_headless()  # papermill: nobody draws widget bars, so progress is text (kept in the notebook)
     return enter_project()
 
 
-def check_parameters(namespace: dict) -> None:
+def check_parameters(namespace: dict) -> bool:
     """LmdbkitError naming each injected parameter that the parameters cell does not declare, with the nearest
     declared names (papermill itself only warns, and the run would go on with the default).
 
     Reads the kernel's input history: papermill's injected cell starts with "# Parameters" and runs right
-    after the notebook's own parameters cell. An interactive run has no injected cell: nothing to check."""
+    after the notebook's own parameters cell. An interactive run has no injected cell: nothing to check.
+    Returns whether parameters were injected (a papermill run)."""
     history = namespace.get("In") or []
     for k in range(len(history) - 1, 0, -1):
         if history[k].lstrip().startswith("# Parameters"):
@@ -47,7 +50,8 @@ def check_parameters(namespace: dict) -> None:
                                   for n in unknown)
                 raise LmdbkitError(f"unknown parameter {hints}: this notebook declares {', '.join(declared)}. "
                                    "Nothing was run; fix the name (papermill --help-notebook lists them)")
-            return
+            return True
+    return False
 
 
 def _assigned(source: str) -> list[str]:
@@ -78,8 +82,11 @@ def available() -> list[str]:
 
 
 def run(name: str, output: str | Path, *, profile: str | None = "demo", parameters: dict | None = None,
-        cwd: str | Path = ROOT, progress: bool = False) -> Path:
-    """Execute notebooks/<name>.ipynb into ``output`` with params/<profile>/<name>.yaml plus ``parameters``."""
+        cwd: str | Path = ROOT, progress: bool = False, stream_progress: bool = False) -> Path:
+    """Execute notebooks/<name>.ipynb into ``output`` with params/<profile>/<name>.yaml plus ``parameters``.
+
+    progress: papermill's bar over cells; stream_progress: the notebook's own (text) progress bars and
+    warnings, as the kernel writes them to stderr, also on this process's stderr."""
     import papermill as pm
     import yaml
     src = NOTEBOOKS / f"{name}.ipynb"
@@ -96,7 +103,8 @@ def run(name: str, output: str | Path, *, profile: str | None = "demo", paramete
     output.parent.mkdir(parents=True, exist_ok=True)
     # the kernel's own log would warn on every run that its local TCP sockets are not encrypted
     pm.execute_notebook(str(src), str(output), parameters=params, cwd=str(cwd), kernel_name="python3",
-                        progress_bar=progress, log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                        progress_bar=progress, log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                        stderr_file=sys.stderr if stream_progress else None)
     return output
 
 
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(a.runs) / f"{name}.ipynb"
         print(f"running notebooks/{name}.ipynb -> {out} ...", flush=True)
         try:
-            run(name, out, profile=a.profile)
+            run(name, out, profile=a.profile, stream_progress=True)
         except Exception as exc:
             where = (f"The executed notebook with the error is {out.resolve()}" if out.exists()
                      else "No executed notebook was written (it failed before running)")

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import audio, demo, store
 from .errors import AudioDecodeError, ConfigMismatchError, LmdbkitError, ValueRangeError
@@ -462,7 +462,8 @@ def format_summary(summary: dict) -> str:
 def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | os.PathLike = DEFAULT_DEMO_DIR,
                 manifest=None, sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
                 segment_hop_seconds: float | None = None, pad_last: bool = False, short_files: str = "pad",
-                label_depth: int = 0, num_workers: int = 2, batch_size: int = 16, limit: int | None = None) -> dict:
+                label_depth: int = 0, num_workers: int = 2, batch_size: int = 16, limit: int | None = None,
+                progress: bool = True) -> dict:
     """The decode stage alone (same loader, same workers, no STFT, no writing): audio-seconds per second.
 
     The ceiling for precompute on this machine; compare with a precompute summary's audio_seconds_per_second.
@@ -475,7 +476,11 @@ def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | o
                         collate_fn=_collate, worker_init_fn=die_with_parent,
                         prefetch_factor=4 if num_workers else None)
     t0 = time.perf_counter()
-    secs = sum(rec.get("duration_s", 0.0) for batch in loader for rec in batch)
+    secs = 0.0
+    with tqdm(total=len(sources), unit="file", desc="decode only", disable=not progress) as bar:
+        for batch in loader:
+            secs += sum(rec.get("duration_s", 0.0) for rec in batch)
+            bar.update(len(batch))
     dt = time.perf_counter() - t0
     return {"files": len(sources), "audio_seconds": secs, "seconds": dt, "audio_seconds_per_second": secs / dt,
             "num_workers": num_workers}

@@ -110,7 +110,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss()
 
-    from tqdm.auto import tqdm
+    from .progress import tqdm
     bar = tqdm(total=steps, desc=f"train (rank {rank})" if world > 1 else "train", disable=not progress or rank != 0,
                dynamic_ncols=True)
     losses: list[float] = []

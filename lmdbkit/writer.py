@@ -508,7 +508,7 @@ class Writer:
         if field in self.index_fields:
             return 0
         d = self._index_db(field)
-        from tqdm.auto import tqdm
+        from .progress import tqdm
         entries: list[tuple[bytes, bytes]] = []
         written = 0
 

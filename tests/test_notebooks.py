@@ -57,6 +57,11 @@ def test_precompute_notebook(ci_run):
     assert (data / "class_balance.png").stat().st_size > 1000
     executed = nbformat.read(base / "precompute.ipynb", as_version=4)
     assert any("train" in "".join(o.get("text", "") for o in c.get("outputs", [])) for c in executed.cells)
+    outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+    # headless, progress is text kept in the notebook (a widget bar would be saved frozen at 0%)
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    assert "precompute: 100%" in text and "decode only: 100%" in text
 
 
 def test_failing_invariant_fails_the_papermill_run(tmp_path):
