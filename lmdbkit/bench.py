@@ -536,8 +536,8 @@ def targets_table(tg: list[dict]) -> str:
 
 def default_worker_counts() -> tuple[int, ...]:
     """DataLoader worker counts timed when none are given: 0, 1, 2, 4, 8 up to the cores here."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return tuple(w for w in (0, 1, 2, 4, 8) if w <= max(n, 2))
+    from .dataset import cores  # the DataLoader benchmark needs torch anyway
+    return tuple(w for w in (0, 1, 2, 4, 8) if w <= max(cores(), 2))
 
 
 def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 20000,

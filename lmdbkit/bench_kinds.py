@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from . import audio, demo, store
-from .bench import drop_page_cache
+from .bench import drop_page_cache, time_reads
+from .errors import LmdbkitError
 from .reader import Reader
 from .stft import StftConfig, compute, inverse
 from .writer import Writer
@@ -37,16 +38,17 @@ KINDS = (
     ("log_mel f16 zstd", dict(output="log_mel", dtype="float16"), "zstd", "log_mel f32"),
     ("mfcc f32", dict(output="mfcc", dtype="float32"), None, None),
 )
-STFT = dict(n_fft=512, hop_length=128, n_mels=80, top_db=80.0)
+SAMPLE_RATE = 16000
+STFT = dict(sample_rate=SAMPLE_RATE, n_fft=512, hop_length=128, n_mels=80, top_db=80.0)
 
 
-def load_corpus(workdir: Path, *, sample_rate: int = 16000) -> tuple[str, list[np.ndarray]]:
-    """(corpus name, mono float32 clips at sample_rate): espeak-ng speech, else the demo corpus."""
+def load_corpus(workdir: Path) -> tuple[str, list[np.ndarray]]:
+    """(corpus name, mono float32 clips at SAMPLE_RATE): espeak-ng speech, else the demo corpus."""
     try:
         root, name = demo.make_speech_corpus(workdir / "speech"), "speech (espeak-ng)"
-    except Exception:  # espeak-ng missing: the synthetic corpus still measures every kind
+    except LmdbkitError:  # espeak-ng missing: the synthetic corpus still measures every kind
         root, name = demo.make_corpus(workdir / "demo", n_per_class=5, bad_files=False), "demo (synthetic)"
-    clips = [audio.decode_resampled(root / s.path, sample_rate=sample_rate, mono="mean")[0][0]
+    clips = [audio.decode_resampled(root / s.path, sample_rate=SAMPLE_RATE, mono="mean")[0][0]
              for s in audio.discover(root)]
     return name, clips
 
@@ -68,20 +70,8 @@ def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
 
 
 def _flat(items: list) -> np.ndarray:
-    return np.concatenate([torch.as_tensor(x).to(torch.complex64 if torch.is_complex(torch.as_tensor(x))
-                                                 else torch.float64).numpy().ravel() for x in items])
-
-
-def _timed_reads(path: Path, order: list[int], *, min_seconds: float) -> float:
-    """Random single reads per second from a fresh reader (each item at least once)."""
-    with Reader(path, decode_to="torch") as r:
-        done, t0 = 0, time.perf_counter()
-        while True:
-            for i in order:
-                r[i]
-            done += len(order)
-            if time.perf_counter() - t0 >= min_seconds:
-                return done / (time.perf_counter() - t0)
+    """Every value of several tensors in one array (complex stays complex; real as float64)."""
+    return np.concatenate([(t if t.is_complex() else t.double()).numpy().ravel() for t in items])
 
 
 def bench_kinds(workdir: str | Path, *, min_seconds: float = 0.3, kinds=KINDS, progress: bool = True) -> dict:
@@ -91,47 +81,18 @@ def bench_kinds(workdir: str | Path, *, min_seconds: float = 0.3, kinds=KINDS, p
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     corpus, clips = load_corpus(work)
-    seconds = sum(len(c) for c in clips) / 16000
+    seconds = sum(len(c) for c in clips) / SAMPLE_RATE
     waves = [torch.from_numpy(c) for c in clips]
     rows, stored = [], {}
     if not _available("zstd"):
         kinds = [k for k in kinds if k[2] != "zstd"]  # pip install zstandard to measure it
     try:
         for name, fields, compression, ref in tqdm(kinds, desc="feature kinds", disable=not progress):
-            cfg = StftConfig(**STFT, **fields)
-            path = work / f"{name.replace(' ', '_')}.lmdb"
-            shutil.rmtree(path, ignore_errors=True)
-            t0 = time.perf_counter()
-            with Writer(path, metadata={"stft": cfg.to_dict()}, compression=compression, durable=False) as w:
-                for i, x in enumerate(waves):
-                    w.append({"stft": compute(x, cfg), "i": i})
-            write_s = time.perf_counter() - t0
-            with Reader(path, decode_to="torch") as r:
-                stored[name] = back = [r[i]["stft"] for i in range(len(r))]
-            payload = sum(t.numel() * t.element_size() for t in back) // (2 if cfg.dtype == "complex32" else 1)
-            row = {"kind": name, "output": cfg.output, "dtype": cfg.dtype, "compression": compression,
-                   "items": len(back), "disk_bytes_per_audio_second": store.disk_usage(path) / seconds,
-                   "payload_bytes_per_audio_second": payload / seconds, "compared_with": ref,
-                   "write_audio_seconds_per_second": seconds / write_s}
+            row, stored[name] = _measure_kind(work, name, StftConfig(**STFT, **fields), compression, waves, clips,
+                                              min_seconds=min_seconds)
             if ref is not None:
-                row["snr_db"] = snr_db(_flat(stored[ref]), _flat(back))
-                row["max_abs_error"] = float(np.max(np.abs(_flat(stored[ref]) - _flat(back))))
-            if cfg.output == "complex":
-                audio_back = [inverse(s, cfg, length=len(c)).numpy() for s, c in zip(back, clips)]
-                row["audio_snr_db"] = snr_db(np.concatenate(clips), np.concatenate(audio_back))
-            order = random.Random(0).sample(range(len(back)), len(back))
-            warm = _timed_reads(path, order, min_seconds=min_seconds)
-            drop_page_cache(path)
-            t0 = time.perf_counter()
-            with Reader(path, decode_to="torch") as r:
-                for i in order:  # each item once: every read is the first since the drop
-                    r[i]
-            cold = len(order) / (time.perf_counter() - t0)
-            per_item_s = seconds / len(back)
-            per_item_b = payload / len(back)
-            row.update(warm_items_per_second=warm, warm_audio_seconds_per_second=warm * per_item_s,
-                       warm_mib_per_second=warm * per_item_b / 2**20, cold_items_per_second=cold,
-                       cold_audio_seconds_per_second=cold * per_item_s, cold_mib_per_second=cold * per_item_b / 2**20)
+                a, b = _flat(stored[ref]), _flat(stored[name])
+                row.update(compared_with=ref, snr_db=snr_db(a, b), max_abs_error=float(np.max(np.abs(a - b))))
             rows.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -140,6 +101,42 @@ def bench_kinds(workdir: str | Path, *, min_seconds: float = 0.3, kinds=KINDS, p
         r["disk_vs_complex64"] = r["disk_bytes_per_audio_second"] / base if base else None
     return {"corpus": corpus, "files": len(clips), "audio_seconds": seconds, "stft": STFT, "rows": rows,
             "evaluated": _evaluated(waves, clips)}
+
+
+def _measure_kind(work: Path, name: str, cfg: StftConfig, compression: str | None, waves: list, clips: list,
+                  *, min_seconds: float) -> tuple[dict, list]:
+    """(row, the items as read back) for one kind: written as precompute would, then read warm and cold."""
+    path = work / f"{name.replace(' ', '_')}.lmdb"
+    seconds = sum(len(c) for c in clips) / SAMPLE_RATE
+    t0 = time.perf_counter()
+    with Writer(path, metadata={"stft": cfg.to_dict()}, compression=compression, durable=False) as w:
+        for i, x in enumerate(waves):
+            w.append({"stft": compute(x, cfg), "i": i})
+    write_s = time.perf_counter() - t0
+    order = random.Random(0).sample(range(len(waves)), len(waves))
+    with Reader(path, decode_to="torch") as r:
+        back = [r[i]["stft"] for i in range(len(r))]
+        warm = time_reads(r.__getitem__, order, min_seconds=min_seconds)
+    # complex32 is read back as complex64: its stored payload is half of what comes back
+    payload = sum(t.numel() * t.element_size() for t in back) // (2 if cfg.dtype == "complex32" else 1)
+    drop_page_cache(path)
+    t0 = time.perf_counter()
+    with Reader(path, decode_to="torch") as r:
+        for i in order:  # each item once: every read is the first since the drop
+            r[i]
+    cold = len(order) / (time.perf_counter() - t0)
+    per_item_s, per_item_b = seconds / len(back), payload / len(back)
+    row = {"kind": name, "output": cfg.output, "dtype": cfg.dtype, "compression": compression, "items": len(back),
+           "disk_bytes_per_audio_second": store.disk_usage(path) / seconds,
+           "payload_bytes_per_audio_second": payload / seconds, "compared_with": None,
+           "write_audio_seconds_per_second": seconds / write_s,
+           "warm_items_per_second": warm, "warm_audio_seconds_per_second": warm * per_item_s,
+           "warm_mib_per_second": warm * per_item_b / 2**20, "cold_items_per_second": cold,
+           "cold_audio_seconds_per_second": cold * per_item_s, "cold_mib_per_second": cold * per_item_b / 2**20}
+    if cfg.output == "complex":
+        audio_back = [inverse(x, cfg, length=len(c)).numpy() for x, c in zip(back, clips)]
+        row["audio_snr_db"] = snr_db(np.concatenate(clips), np.concatenate(audio_back))
+    return row, back
 
 
 def _evaluated(waves: list[torch.Tensor], clips: list[np.ndarray]) -> list[dict]:

@@ -16,6 +16,7 @@ from torch.utils.data._utils.collate import default_collate
 from . import codec, store
 from .errors import DamagedDatabaseError, LmdbkitError
 from .reader import MultiReader, Reader, by_reader
+from .stft import as_complex64, is_pairs
 
 
 class LMDBDataset(Dataset):
@@ -252,11 +253,9 @@ class ToSpectrogram(LMDBDataTransform):
 
     def transform(self, sample: dict) -> dict:
         x = torch.as_tensor(sample[self.field])
-        if self.stored == "complex" and not torch.is_complex(x) and x.shape[-1:] == (2,):
-            x = torch.view_as_complex(x.float())  # complex32 read as float16 pairs
-        if torch.is_complex(x):
-            parts = torch.view_as_real(x).float()
-            power = parts[..., 0].square() + parts[..., 1].square()
+        if torch.is_complex(x) or (self.stored == "complex" and is_pairs(x)):
+            z = as_complex64(x)  # complex64/128, complex32, or complex32 read as its float16 pairs
+            power = z.real.square() + z.imag.square()
         elif self.stored == "magnitude":
             power = x.float().square()
         elif self.stored in ("power", "mel"):

@@ -63,21 +63,15 @@ class ItemCanvas:
         FigureCanvasAgg(fig)
         ax = self._ax = fig.add_axes([0.09, 0.15, 0.74, 0.8])
         cax = fig.add_axes([0.85, 0.15, 0.02, 0.8])
-        mfcc = cfg.output == "mfcc"
-        if mfcc:
+        self._ylim, ylabel, ticks = plot.rows_axis(cfg, db.shape[0])
+        if ticks is not None:
+            ax.set_yticks(*ticks)
+        if cfg.output == "mfcc":  # a symmetric scale fixed by the first item
             lo, hi = np.percentile(db, [1, 99]) if db.size else (-1.0, 1.0)
             span = max(abs(lo), abs(hi), 1e-6)
-            clim, unit, self._ylim, ylabel = (-span, span), "coefficient", (0.0, float(db.shape[0])), "MFCC"
+            clim, unit = (-span, span), "coefficient"
         else:
             clim, unit = (-FLOOR_DB, 0.0), "dB below the item's peak (power)"
-            if cfg.is_mel:
-                f = cfg.frequencies()
-                self._ylim, ylabel = (0.0, float(db.shape[0])), f"mel band ({cfg.mel_scale} scale)"
-                rows = np.unique(np.linspace(0, len(f) - 1, 6).round().astype(int))
-                ax.set_yticks(rows + 0.5, [f"{f[i]:.0f} Hz" for i in rows])
-            else:
-                f = cfg.frequencies()
-                self._ylim, ylabel = (float(f[0]), float(f[-1])), "frequency (Hz)"
         self._im = ax.imshow(db, origin="lower", aspect="auto", cmap="magma", vmin=clim[0], vmax=clim[1],
                              extent=[0.0, 1.0, *self._ylim], interpolation="nearest")
         ax.set_ylim(*self._ylim)

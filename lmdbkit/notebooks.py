@@ -32,6 +32,14 @@ def start(namespace: dict) -> Path:
     return enter_project()
 
 
+def call(fn, namespace: dict, **overrides):
+    """``fn`` called with every notebook parameter (a name in ``namespace``) that it takes, so a cell does
+    not repeat its parameters by hand; ``overrides`` win."""
+    import inspect
+    names = inspect.signature(fn).parameters
+    return fn(**{**{k: namespace[k] for k in names if k in namespace}, **overrides})
+
+
 def check_parameters(namespace: dict) -> bool:
     """LmdbkitError naming each injected parameter that the parameters cell does not declare, with the nearest
     declared names (papermill itself only warns, and the run would go on with the default).

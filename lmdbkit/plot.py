@@ -232,6 +232,18 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
+def rows_axis(cfg, n_rows: int) -> tuple[tuple[float, float], str, tuple | None]:
+    """The vertical axis of a stored item's image: (limits, label, ticks or None). STFT rows span 0 Hz to
+    Nyquist; mel bands are rows labelled at six bands by their centre frequency; MFCCs are rows."""
+    if cfg.output == "mfcc":
+        return (0.0, float(n_rows)), "MFCC", None
+    f = cfg.frequencies()
+    if cfg.is_mel:
+        rows = np.unique(np.linspace(0, len(f) - 1, 6).round().astype(int))
+        return (0.0, float(n_rows)), f"mel band ({cfg.mel_scale} scale)", (rows + 0.5, [f"{f[i]:.0f} Hz" for i in rows])
+    return (float(f[0]), float(f[-1])), "frequency (Hz)", None
+
+
 def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: bool = True):
     """Draw one STFT item in dB, with time in seconds and frequency in Hz from ``cfg`` (frames and bins
     without it). Multichannel items ([C, freqs, frames]) show their first channel. Returns the Figure."""
@@ -246,18 +258,10 @@ def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: 
         from .stft import to_db
         db = to_db(x, cfg)
         t = cfg.times(x.shape[1])
-        t0, t1 = (t[0], t[-1]) if len(t) else (0, 0)
         xlabel = "time (s)"
-        if cfg.output == "mfcc":
-            extent, ylabel, unit = [t0, t1, 0, x.shape[0]], "MFCC", "coefficient"
-        elif cfg.is_mel:
-            extent, ylabel = [t0, t1, 0, x.shape[0]], f"mel band ({cfg.mel_scale} scale)"
-            f = cfg.frequencies()
-            rows = np.unique(np.linspace(0, len(f) - 1, 6).round().astype(int))
-            ticks = (rows + 0.5, [f"{f[i]:.0f} Hz" for i in rows])
-        else:
-            f = cfg.frequencies()
-            extent, ylabel = [t0, t1, f[0], f[-1]], "frequency (Hz)"
+        ylim, ylabel, ticks = rows_axis(cfg, x.shape[0])
+        extent = [t[0] if len(t) else 0, t[-1] if len(t) else 0, *ylim]
+        unit = "coefficient" if cfg.output == "mfcc" else unit
     else:
         p = np.abs(x).astype(np.float64) ** 2 if np.iscomplexobj(x) else x.astype(np.float64)
         db = 10 * np.log10(np.maximum(np.abs(p), 1e-10))
@@ -395,8 +399,9 @@ def spot_check_grid(reader, indices: list[int], *, cols: int = 4, field: str = "
     return fig
 
 
-def item_title(reader, i: int, sample: dict) -> str:
-    key = reader.key_of(i)
+def item_title(reader, i: int, sample: dict, *, key: str | None = None) -> str:
+    """"#i key [label]"; ``key`` when the caller has already read it."""
+    key = reader.key_of(i) if key is None else key
     label = sample.get("label_name", sample.get("label"))
     return f"#{i} {key}" + (f" [{label}]" if label is not None else "")
 

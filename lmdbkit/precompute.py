@@ -25,12 +25,12 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from .progress import tqdm
 
 from . import audio, demo, store
 from .errors import AudioDecodeError, ConfigMismatchError, LmdbkitError, ValueRangeError
-from .reader import Reader
 from .mel import MEL_NORMS, MEL_SCALES
+from .progress import tqdm
+from .reader import Reader
 from .stft import OUTPUTS, StftConfig, compute, resolve_device
 from .writer import MODES, Writer
 
@@ -460,7 +460,7 @@ def format_summary(summary: dict) -> str:
 
 
 def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | os.PathLike = DEFAULT_DEMO_DIR,
-                manifest=None, sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
+                demo_clips_per_class: int = 40, manifest=None, sample_rate: int = 16000, mono: str = "mean", segment_seconds: float | None = None,
                 segment_hop_seconds: float | None = None, pad_last: bool = False, short_files: str = "pad",
                 label_depth: int = 0, num_workers: int = 2, batch_size: int = 16, limit: int | None = None,
                 progress: bool = True) -> dict:
@@ -470,7 +470,8 @@ def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | o
     """
     cfg = AudioConfig(sample_rate=sample_rate, mono=mono, segment_seconds=segment_seconds,
                       segment_hop_seconds=segment_hop_seconds, pad_last=pad_last, short_files=short_files)
-    root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir)
+    # the same demo corpus as precompute's (another size would regenerate it in place)
+    root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir, n_per_class=demo_clips_per_class)
     sources = audio.discover(root, manifest=manifest, label_depth=label_depth)[:limit]
     loader = DataLoader(_Files(root, sources, cfg), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, worker_init_fn=die_with_parent,

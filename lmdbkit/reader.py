@@ -10,6 +10,7 @@ writer is still appending, and a writer's map growth is adopted invisibly.
 from __future__ import annotations
 
 import bisect
+import difflib
 import functools
 import json
 import os
@@ -281,7 +282,6 @@ class Reader:
             found = [bytes(k).decode() for k, _ in zip(cur.iternext(values=False), range(m))] if inside else []
             if (cur.set_range(kb) and cur.prev()) or (not inside and cur.last()):
                 found += [bytes(k).decode() for k, _ in zip(cur.iterprev(values=False), range(m))]
-        import difflib
         return difflib.get_close_matches(key, found, n, 0.0)
 
     def get(self, key: str, default: Any = KeyError) -> dict:
@@ -528,7 +528,6 @@ class MultiReader:
 
     def near_keys(self, key: str, n: int = 3) -> list[str]:
         """Up to ``n`` stored keys most like ``key``, over every database."""
-        import difflib
         return difflib.get_close_matches(key, [k for r in self.readers for k in r.near_keys(key, n)], n, 0.0)
 
     def keys(self) -> list[str]:

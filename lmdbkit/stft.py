@@ -6,7 +6,7 @@ to an item."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -150,9 +150,6 @@ class StftConfig:
             raise LmdbkitError(f"unknown StftConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
         return cls(**d)
 
-    def stored_as(self, dtype: str) -> "StftConfig":
-        return replace(self, dtype=dtype)
-
 
 def resolve_device(device: str) -> torch.device:
     """"auto" picks CUDA when it is available, else the CPU."""
@@ -263,20 +260,26 @@ def narrow(x: torch.Tensor, cfg: StftConfig) -> torch.Tensor:
 
 
 def inverse(spec: torch.Tensor, cfg: StftConfig, length: int | None = None) -> torch.Tensor:
-    """Audio from a complex STFT item ([..., freqs, frames]) with torch.istft."""
-    if not torch.is_complex(spec):
+    """Audio from a complex STFT item ([..., freqs, frames], or complex32's float16 pairs) with torch.istft."""
+    if not (torch.is_complex(spec) or is_pairs(spec)):
         raise LmdbkitError(f"inverse needs a complex STFT (output='complex'); this item is {spec.dtype} "
                            f"(output={cfg.output!r}), which has no phase")
-    lead = spec.shape[:-2]
-    x = as_complex64(spec).reshape(-1, *spec.shape[-2:])
+    z = as_complex64(spec)
+    lead = z.shape[:-2]
+    x = z.reshape(-1, *z.shape[-2:])
     y = torch.istft(x, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
                     window=window(cfg, x.device), center=cfg.center, length=length)
     return y.reshape(*lead, y.shape[-1])
 
 
+def is_pairs(spec: torch.Tensor) -> bool:
+    """complex32 read with complex32="pairs": float16 real and imaginary parts in a last axis of 2."""
+    return spec.dtype == torch.float16 and spec.shape[-1:] == (2,)
+
+
 def as_complex64(spec: torch.Tensor) -> torch.Tensor:
     """A complex item as complex64, also from complex32 or its stored float16 pairs ([..., 2])."""
-    if spec.dtype in (torch.float16, torch.bfloat16) and spec.shape[-1:] == (2,):
+    if is_pairs(spec):
         return torch.view_as_complex(spec.float())
     if spec.dtype == torch.complex32:
         return torch.view_as_complex(torch.view_as_real(spec).float())

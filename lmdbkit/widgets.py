@@ -18,6 +18,7 @@ import contextlib
 import html
 import os
 import traceback
+from typing import Sequence
 
 import ipywidgets as w
 from IPython.display import Audio
@@ -39,7 +40,7 @@ class Browser(w.VBox):
         self.allow_pickle, self.audio = allow_pickle, audio
         self._label_field = label_field
         self.reader: MultiReader | None = None
-        self.view: list[int] = []     # global indices the slider walks (all items, or one label's)
+        self.view: Sequence[int] = []  # global indices the slider walks: range(n) (O(1) to make) or one label's
         self.current: int | None = None
         self.sample: dict | None = None
         self.canvas: ItemCanvas | None = None
@@ -135,7 +136,7 @@ class Browser(w.VBox):
 
     def filter_label(self, value: str) -> None:
         n = len(self.reader)
-        self.view = list(range(n)) if value == ALL else self.reader.query(**{self.label_field: self._label_values[value]})
+        self.view = range(n) if value == ALL else self.reader.query(**{self.label_field: self._label_values[value]})
         with self._quietly():
             self.slider.max = max(0, len(self.view) - 1)
             self.slider.value = 0
@@ -156,13 +157,13 @@ class Browser(w.VBox):
         if i not in self.view:
             with self._quietly():
                 self.label.value = ALL
-            self.view = list(range(len(self.reader)))
+            self.view = range(len(self.reader))
             with self._quietly():
                 self.slider.max = max(0, len(self.view) - 1)
         pos = self.view.index(i)
         with self._quietly():
             self.slider.value = pos
-        self.show(i)
+        self.show(i, pos)
 
     def show_position(self, pos: int) -> None:
         if self._suppress:
@@ -171,17 +172,18 @@ class Browser(w.VBox):
             self.current, self.sample = None, None
             self.status.value = "<i>no items</i>"
             return
-        self.show(self.view[pos])
+        self.show(self.view[pos], pos)
 
-    def show(self, i: int) -> None:
-        """Read and draw item ``i`` (a global index within the split)."""
+    def show(self, i: int, pos: int | None = None) -> None:
+        """Read and draw item ``i`` (a global index within the split; ``pos``: its place in the view)."""
         sample = self.reader[i]
         self.reads += 1
         self.current, self.sample = i, sample
         key = self.reader.key_of(i)
-        title = plot.item_title(self.reader, i, sample)
+        title = plot.item_title(self.reader, i, sample, key=key)
         self.image.value = self.canvas.render(sample, title)
-        pos = self.view.index(i) if i in self.view else 0
+        if pos is None:
+            pos = self.view.index(i) if i in self.view else 0
         with self._quietly():  # the index and key boxes always name the item on screen
             self.number.value = i
             self.key.value = str(key) if key is not None else ""

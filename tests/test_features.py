@@ -182,6 +182,8 @@ def test_complex32_items_keep_the_audio(speech, tmp_path):
     assert snr(full, back) > 55  # float16 keeps 11 bits of mantissa: ~60 dB
     audio = inverse(back, cfg64, length=len(speech))
     assert snr(torch.from_numpy(speech), audio) > 50
+    pairs = codec.decode(codec.encode({"s": half}), complex32="pairs")[1]["s"]  # the stored float16 pairs
+    assert torch.equal(inverse(pairs, cfg64, length=len(speech)), audio)
 
 
 @pytest.mark.parametrize("output,dtype,ylabel", [("complex", "complex32", "frequency (Hz)"),
