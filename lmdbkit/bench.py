@@ -251,20 +251,25 @@ def bench_dataloader(kind: str, paths: dict[str, Path], *, workers=(0, 1, 2, 4),
                      epochs: int = 1) -> list[Result]:
     """Steady-state items/s through a shuffled DataLoader (collate included; after an untimed epoch that
     starts the persistent workers) for each worker count: lmdbkit's loader
-    (create_data_loader) against pickle-in-LMDB's Dataset in a plain DataLoader with default collate, plus the
+    (create_data_loader) and a plain ``DataLoader(LMDBDataset(path))`` against pickle-in-LMDB's Dataset in a plain
+    DataLoader with default collate, plus the
     USS/PSS of each worker at the end of the epoch."""
     import torch
     from torch.utils.data import DataLoader
-    from .dataset import create_data_loader
+    from .dataset import LMDBDataset, create_data_loader
     res = []
 
     def lmdbkit_loader(nw):  # lmdbkit's own loader (items go straight from the map into the batch tensors)
         return create_data_loader(paths["lmdbkit"], batch_size=batch_size, shuffle=True, num_workers=nw, seed=0)
 
+    def plain_loader(nw):  # what a user writes first: torch's DataLoader over LMDBDataset, default collate
+        return DataLoader(LMDBDataset(paths["lmdbkit"]), batch_size=batch_size, shuffle=True, num_workers=nw,
+                          generator=torch.Generator().manual_seed(0), persistent_workers=nw > 0)
+
     def pickle_loader(nw):  # the older way: its Dataset, a plain DataLoader, default collate
         return DataLoader(PickleLmdb(paths["pickle_lmdb"]), batch_size=batch_size, shuffle=True,
                           num_workers=nw, generator=torch.Generator().manual_seed(0), persistent_workers=nw > 0)
-    for method, make in (("lmdbkit", lmdbkit_loader), ("pickle_lmdb", pickle_loader)):
+    for method, make in (("lmdbkit", lmdbkit_loader), ("lmdbkit_plain", plain_loader), ("pickle_lmdb", pickle_loader)):
         for nw in workers:
             loader = make(nw)
             ds = loader.dataset
@@ -468,6 +473,11 @@ def ratios(results: list[Result]) -> dict[str, float]:
             a, b = get("dataloader", kind, "lmdbkit", nw), get("dataloader", kind, "pickle_lmdb", nw)
             if a and b:
                 out[f"dataloader/{kind}/workers={nw}: lmdbkit / pickle_lmdb"] = a / b
+            c = get("dataloader", kind, "lmdbkit_plain", nw)
+            if c and b:
+                out[f"dataloader/{kind}/workers={nw}: lmdbkit_plain / pickle_lmdb"] = c / b
+            if c and a:
+                out[f"dataloader/{kind}/workers={nw}: lmdbkit_plain / lmdbkit"] = c / a
     opens = sorted((int(r.kind), r.value) for r in results if r.measure == "open" and r.method == "lmdbkit")
     if opens:
         upto = [ms for n, ms in opens if n <= 100_000] or [opens[0][1]]
@@ -493,6 +503,10 @@ TARGETS = [
     ("DataLoader, 2 workers, ~256 KiB: >= 2x pickle-in-LMDB",
      "dataloader/stft256k/workers=2: lmdbkit / pickle_lmdb", ">=", 2.0),
     ("DataLoader, 2 workers, ~1 KiB: >= 2x pickle-in-LMDB", "dataloader/small1k/workers=2: lmdbkit / pickle_lmdb", ">=", 2.0),
+    ("plain DataLoader(LMDBDataset), 2 workers, ~256 KiB: >= 0.95x create_data_loader",
+     "dataloader/stft256k/workers=2: lmdbkit_plain / lmdbkit", ">=", 0.95),
+    ("plain DataLoader(LMDBDataset), 2 workers, ~1 KiB: >= 0.95x create_data_loader",
+     "dataloader/small1k/workers=2: lmdbkit_plain / lmdbkit", ">=", 0.95),
     ("write ~256 KiB: >= 0.8x raw txn.put", "write/stft256k: lmdbkit / raw_put", ">=", 0.8),
     ("write ~1 KiB: >= 0.8x raw txn.put", "write/small1k: lmdbkit / raw_put", ">=", 0.8),
     ("disk ~256 KiB: <= 1.05x payload", "disk/stft256k: lmdbkit bytes / payload", "<=", 1.05),

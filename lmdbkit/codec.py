@@ -21,6 +21,7 @@ then makes exactly one copy of each array from the buffer (e.g. LMDB's memory ma
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import threading
@@ -558,6 +559,110 @@ def _numpy_bf16(arr: np.ndarray, name: str) -> np.ndarray:
         raise LmdbkitError("a bfloat16 array decoded to numpy needs ml_dtypes (pip install ml_dtypes); "
                            "or read it with decode_to='torch'") from exc
     return arr.view(ml_dtypes.bfloat16)
+
+
+# -- batches of one layout --------------------------------------------------------------------------
+
+class Layout:
+    """Items whose arrays are laid out alike (same fields, kinds, dtypes, shapes, offsets, no compression), as
+    items of one schema are: their descriptors are checked once, on the first item. ``arrays`` holds those
+    checked descriptors (see ``parse``); ``items`` holds (payload start, checksum, fields) per item."""
+
+    __slots__ = ("arrays", "items", "order")
+
+    def __init__(self, arrays: list, items: list, order: list):
+        self.arrays, self.items, self.order = arrays, items, order
+
+
+def batch_layout(bufs: list) -> Layout | None:
+    """The Layout shared by every buffer, or None when their array layouts or field names differ, or an array
+    is compressed.
+    Raises CorruptItemError (without naming the item) for a malformed item: decode it alone to name it."""
+    first = parse(bufs[0])
+    start0, _, _, fields0, arrays = first
+    if any(d[3] for d in arrays):
+        return None
+    need = max((d[4] + d[5] for d in arrays), default=0)  # payload bytes the descriptors reach
+    raw0 = msgpack.unpackb(memoryview(bufs[0])[PREFIX_SIZE:start0], raw=False, strict_map_key=False)[2]
+    items = [(start0, first[1], fields0)]
+    keys0 = fields0.keys()
+    unpack, prefix = msgpack.unpackb, _PREFIX.unpack_from
+    for buf in bufs[1:]:
+        if len(buf) < PREFIX_SIZE:
+            read_prefix(buf)
+        magic, version, _flags, hlen, stored = prefix(buf, 0)
+        start = PREFIX_SIZE + hlen
+        if magic != MAGIC or version != VERSION or start > len(buf):
+            read_prefix(buf)  # raises the precise error
+        try:
+            head = unpack(buf[PREFIX_SIZE:start], raw=False, strict_map_key=False)
+            _key, fields, raw = head
+        except Exception as exc:  # msgpack raises many kinds on malformed input
+            raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})"[:300]) from exc
+        if type(fields) is not dict:
+            raise _corrupt("header is not a sample record")
+        if raw != raw0 or fields.keys() != keys0:  # C-level comparisons: the first's layout, checked there
+            return None
+        if start + need > len(buf):
+            raise _corrupt(f"arrays run past the end of the {len(buf)}-byte item")
+        items.append((start, stored, fields))
+    return Layout(arrays, items, list(fields0))
+
+
+PWRITE_MIN = 64 << 10  # arrays from this size on go to a ``file`` destination by pwrite
+
+
+def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, verify: bool | list[bool],
+                  complex32: str = "complex64", decode_to: DecodeTo = "numpy",
+                  file: tuple[int, dict[str, int]] | None = None) -> list[dict]:
+    """Copy every item's arrays into row b of ``dests[field]`` (C-contiguous numpy arrays [n, ...] of the
+    decoded dtype, see ``decoded_dtype``): one copy each, straight from the buffers. Returns each item's other
+    fields (metadata, nested arrays decoded as ``decode`` does). ``verify``: per item, or for all.
+
+    ``file``: (fd, {field: byte offset}) when ``dests`` are mappings of that file (shared memory): arrays of
+    at least PWRITE_MIN bytes are then written with ``os.pwrite`` at their row's offset, so the kernel fills
+    the file's pages without a page fault per 4 KiB in this process (and a full file system is an OSError,
+    not a SIGBUS)."""
+    names = {d[0] for d in layout.arrays}
+    plain, written = [], []
+    for d in layout.arrays:
+        if d[2] == "complex32":
+            continue
+        if file is not None and d[5] >= PWRITE_MIN:
+            written.append((file[1][d[0]], d[4], d[5]))
+        else:
+            plain.append((memoryview(dests[d[0]].reshape(-1).view(np.uint8)), d[4], d[5]))
+    wide = [d for d in layout.arrays if d[2] == "complex32"]
+    torch = _torch() if decode_to != "numpy" else None
+    checks = verify if isinstance(verify, list) else [verify] * len(bufs)
+    hash64 = xxhash.xxh3_64_intdigest
+    metas = []
+    for b, (buf, (start, stored, fields)) in enumerate(zip(bufs, layout.items)):
+        buf = memoryview(buf)
+        if checks[b] and hash64(buf[PREFIX_SIZE:]) != stored:
+            raise _corrupt("checksum mismatch")
+        for dest, off, n in plain:
+            dest[b * n:(b + 1) * n] = buf[start + off:start + off + n]  # the one copy
+        for base, off, n in written:
+            _pwrite_all(file[0], buf[start + off:start + off + n], base + b * n)  # the one copy, by the kernel
+        for d in wide:
+            _complex32(buf[start + d[4]:start + d[4] + d[5]], d[6], d[1], "numpy", None, dests[d[0]][b], complex32)
+        meta = {}
+        for k, v in fields.items():
+            if k in names:
+                continue
+            t = type(v)
+            if t is list or t is dict or t is msgpack.ExtType:
+                v = _walk(v, _Ctx(buf, start, stored, checks[b], decode_to, torch, complex32), 0)
+            meta[k] = v
+        metas.append(meta)
+    return metas
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
 def dtype_name(code: int) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import ExitStack
 from typing import Any, Callable, Iterable, Sequence
 
 import lmdb
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from . import codec, store
+from .batch import Batch, Block, block_of, decode_block
 from .errors import DamagedDatabaseError, LmdbkitError
 from .reader import MultiReader, Reader, by_reader
 from .stft import as_complex64, is_pairs
@@ -42,6 +44,8 @@ class LMDBDataset(Dataset):
             raise LmdbkitError("prebatch=True collates raw torch items: it needs transform=None, "
                                "decode_to='torch' and no legacy databases")
         self.prebatch = prebatch
+        # items are decoded a batch at a time into one block when they come back as torch tensors
+        self._blocks = decode_to == "torch" and not any(r.legacy for r in self.readers)
 
     def refresh(self) -> None:
         """Re-read the lengths (for databases that are still being written)."""
@@ -64,60 +68,39 @@ class LMDBDataset(Dataset):
     def __getitem__(self, i: int) -> Any:
         return self._out(self.source[i])
 
-    def __getitems__(self, indices: list[int]) -> list | "Batch":
+    def __getitems__(self, indices: list[int]) -> list | Batch:
         """A batch: one read transaction per database touched, items in the order asked.
 
-        With ``prebatch=True`` it returns one collated ``Batch`` instead: each array field is copied from the
-        memory map straight into its slot of one batch tensor (in shared memory inside a DataLoader worker),
-        which saves the second copy a collate would make. Use lmdbkit's ``collate`` (create_data_loader does);
-        batches whose items differ in shape fall back to a list of samples.
+        Items whose arrays share one shape and dtype are decoded together into one block: each array is
+        copied from the memory map straight into its row of one batch tensor (in shared memory inside a
+        DataLoader worker when there is no transform). The items come back as dicts whose arrays are views of
+        those rows, and ``default_collate`` (or lmdbkit's ``collate``) hands back the block's tensors instead
+        of stacking a second copy (see ``lmdbkit.batch``). With ``prebatch=True`` it returns that collated
+        ``Batch`` itself. Batches whose items differ in shape are read item by item.
         """
-        if self.prebatch:
+        if self._blocks:
             try:
-                batch = self._prebatched(indices)
+                block = self._block(indices)
             except lmdb.Error as exc:
                 raise DamagedDatabaseError(f"{self.source.path}: LMDB reports damage reading a batch: {exc}. Run "
                                            "`lmdbkit verify PATH` for a report") from exc
-            if batch is not None:
-                return batch
+            if block is not None:
+                if self.prebatch:
+                    return block.batch(lambda metas: _collate_rest(metas, set()))
+                return [self._out(s) for s in block.rows()]
         return [self._out(s) for s in self.source.read_many(indices)]
 
-    def _prebatched(self, indices: list[int]) -> "Batch | None":
-        from contextlib import ExitStack
+    def _block(self, indices: list[int]) -> Block | None:
         located = [self.source.locate(i) for i in indices]
+        if not located:
+            return None
         with ExitStack() as stack:
             bufs = self._raw_bufs(located, stack)
             if any(b is None for b in bufs):
                 return None
-            try:
-                heads = [codec.parse(b) for b in bufs]
-            except codec.CorruptItemError:
-                return None  # decoded one by one below, so the error names the item
-            # descriptors are checked against their buffers by parse, so the batch's size is bounded by the
-            # bytes stored; compressed arrays are decoded one by one
-            first = {d[0]: (d[1], d[2], d[3], d[6]) for d in heads[0][4]}
-            if any(ccode for _, _, ccode, _ in first.values()):
-                return None
-            for head in heads[1:]:
-                if {d[0]: (d[1], d[2], d[3], d[6]) for d in head[4]} != first:
-                    return None  # shapes or dtypes differ within the batch
-            in_worker = torch.utils.data.get_worker_info() is not None
-            outs = {}
-            for name, (_kind, dname, _ccode, shape) in first.items():
-                dname, shape = codec.decoded_dtype(dname, shape, self.complex32)
-                outs[name] = _batch_tensor(getattr(torch, dname), (len(indices), *shape), shared=in_worker)
-            views = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in outs.items()}
-            order = list(heads[0][3])  # the fields in their stored order
-            metas = []
-            for b, (buf, head, (r, j)) in enumerate(zip(bufs, heads, located)):
-                try:
-                    _, fields = codec.decode(buf, decode_to="numpy", verify=r.verify, parsed=head,
-                                             out={name: v[b] for name, v in views.items()}, complex32=self.complex32)
-                except codec.CorruptItemError as exc:
-                    raise exc.at(r.path, j) from exc
-                metas.append({k: v for k, v in fields.items() if k not in outs})
-        rest = _collate_rest(metas, set()) if metas[0] else {}
-        return Batch({k: outs[k] if k in outs else rest[k] for k in order})
+            shared = self.transform is None and torch.utils.data.get_worker_info() is not None
+            return decode_block(bufs, [(r.path, j) for r, j in located], verify=[r.verify for r, _ in located],
+                                complex32=self.complex32, shared=shared)
 
     @staticmethod
     def _raw_bufs(located: list[tuple[Reader, int]], stack) -> list:
@@ -165,22 +148,6 @@ class LMDBDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"<lmdbkit.LMDBDataset {len(self)} items from {len(self.paths)} database(s): {self.paths[:3]}>"
-
-
-class Batch(dict):
-    """A batch that LMDBDataset(prebatch=True) collated itself; lmdbkit's collate passes it through."""
-
-
-def _batch_tensor(dtype: torch.dtype, shape: tuple, *, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor; in shared memory when asked (as default_collate allocates in workers)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for d in shape:
-        numel *= d
-    elem = torch.empty(0, dtype=dtype)
-    storage = elem._typed_storage()._new_shared(numel, device=elem.device)
-    return elem.new(storage).resize_(*shape)
 
 
 # -- transforms -------------------------------------------------------------------------------------
@@ -396,6 +363,9 @@ def collate(batch: list[dict] | Batch) -> dict:
     through a batch that LMDBDataset(prebatch=True) collated itself."""
     if isinstance(batch, Batch):
         return batch
+    block = block_of(batch)
+    if block is not None:  # a block's untouched rows: its own tensors, not a second copy
+        return block.batch(lambda metas: _collate_rest(metas, set()))
     return _collate_rest(batch, set())
 
 

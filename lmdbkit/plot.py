@@ -131,7 +131,7 @@ def bench_dataloader(summary: dict):
     kinds = sorted({r["kind"] for r in res})
     fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5 * max(1, len(kinds)), 3.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        for method in ("lmdbkit", "pickle_lmdb"):
+        for method in ("lmdbkit", "lmdbkit_plain", "pickle_lmdb"):
             pts = sorted((r["extra"]["num_workers"], r["value"]) for r in res if r["kind"] == kind and r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)

@@ -1,0 +1,191 @@
+"""A batch of items decoded into one block, so that a DataLoader batch costs one copy from the memory map.
+
+``decode_block`` copies each array field of every item straight from the map into its row of one batch
+tensor (allocated in shared memory inside a DataLoader worker, as ``default_collate`` would allocate it). The
+items are then handed out as ``Row`` dicts, whose arrays are views of those rows. ``Row`` is registered in
+torch's ``default_collate_fn_map`` (torch's documented way to extend ``default_collate``), so a plain
+``DataLoader(LMDBDataset(path))`` collates a batch of untouched rows by handing back the block's tensors
+instead of allocating 64 tensors, faulting them in, and stacking them into a second copy. Rows that a
+transform replaced or that come from different blocks are collated exactly as ``default_collate`` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data._utils.collate import collate as _collate
+from torch.utils.data._utils.collate import default_collate_fn_map
+
+from . import codec
+from .errors import LmdbkitError
+
+
+class Batch(dict):
+    """A batch that LMDBDataset(prebatch=True) collated itself; lmdbkit's collate passes it through."""
+
+
+class Block:
+    """Items decoded together: ``arrays`` maps each array field to one tensor [n, ...]; ``metas`` holds each
+    item's other fields; ``order`` is the fields' stored order. ``scalars`` are [n] tensors (int64, float64)
+    for the int and float fields, filled when collated, in the same storage as the arrays: a DataLoader
+    worker hands the whole batch to the main process as one piece of shared memory."""
+
+    __slots__ = ("n", "arrays", "scalars", "metas", "order", "_views")
+
+    def __init__(self, arrays: dict, scalars: dict, metas: list[dict], order: list[str]):
+        self.arrays, self.scalars, self.metas, self.order, self.n = arrays, scalars, metas, order, len(metas)
+        self._views: dict | None = None
+
+    def rows(self) -> list["Row"]:
+        """The items as dicts in their stored field order, array fields as views of the block's rows."""
+        views = self._views = {k: t.unbind(0) for k, t in self.arrays.items()}
+        out = []
+        for b, meta in enumerate(self.metas):
+            row = Row({k: views[k][b] if k in views else meta[k] for k in self.order})
+            row.block, row.pos = self, b
+            out.append(row)
+        return out
+
+    def batch(self, collate_rest) -> Batch:
+        """The collated batch: the block's tensors, int and float fields as int64 and float64 tensors (what
+        default_collate makes of them), the other fields collated by ``collate_rest``."""
+        done = dict(self.arrays)
+        for k, t in self.scalars.items():
+            vals = [m[k] for m in self.metas]
+            kind = int if t.dtype == torch.int64 else float
+            if all(type(v) is kind for v in vals):
+                try:
+                    t.numpy()[:] = vals
+                except OverflowError:  # beyond int64: collated (and refused) as default_collate does
+                    continue
+                done[k] = t
+        rest = [k for k in self.order if k not in done]
+        if rest:
+            done.update(collate_rest([{k: m[k] for k in rest} for m in self.metas]))
+        return Batch({k: done[k] for k in self.order})
+
+    def owns(self, batch: list) -> bool:
+        """Whether ``batch`` is this block's rows, all of them, in order, with their arrays untouched."""
+        views = self._views
+        if views is None or len(batch) != self.n:
+            return False
+        for b, row in enumerate(batch):
+            if type(row) is not Row or row.block is not self or row.pos != b or len(row) != len(self.order):
+                return False
+            for k, v in views.items():
+                if row.get(k) is not v[b]:
+                    return False
+        return True
+
+
+class Row(dict):
+    """One item of a Block: a plain dict to whoever uses it. Pickles as a plain dict."""
+
+    __slots__ = ("block", "pos")
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+def decode_block(bufs: list, where: list, *, verify: list, complex32: str, shared: bool) -> Block | None:
+    """Decode items whose arrays share one layout (``codec.batch_layout``) into a Block; None when their
+    arrays differ in shape or dtype, are compressed, or an item is malformed (decode those one by one, so
+    that the error names the item). ``where[b]`` is (path, index) of item b, named by a CorruptItemError."""
+    try:
+        layout = codec.batch_layout(bufs)
+    except codec.CorruptItemError:
+        return None
+    if layout is None:
+        return None
+    n = len(bufs)
+    shapes = {}
+    for name, _kind, dname, _ccode, _off, _n, shape, _nbytes in layout.arrays:
+        dname, shape = codec.decoded_dtype(dname, shape, complex32)
+        shapes[name] = (getattr(torch, dname), (n, *shape))
+    numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.items[0][2].items()
+               if k not in shapes and type(v) in (int, float)}
+    arrays, scalars = _views(shapes, {k: (dt, (n,)) for k, dt in numbers.items()}, shared=shared)
+    dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
+    file = _shared_file(arrays) if shared else None
+    try:
+        metas = codec.decode_layout(bufs, layout, dests, verify=verify, complex32=complex32, decode_to="torch",
+                                    file=file)
+    except OSError as exc:
+        raise LmdbkitError(f"cannot fill a batch of {n} items in shared memory: {exc}. DataLoader workers hand "
+                           "batches over in /dev/shm: give it more room (docker run --shm-size=...), or use "
+                           "num_workers=0") from exc
+    except codec.CorruptItemError:
+        for b, buf in enumerate(bufs):  # find the item, so that the error names it
+            try:
+                codec.decode(buf, verify=verify[b])
+            except codec.CorruptItemError as exc:
+                raise exc.at(*where[b]) from exc
+        raise
+    return Block(arrays, scalars, metas, layout.order)
+
+
+ALIGN = 64
+
+
+def _views(*groups: dict, shared: bool) -> list[dict]:
+    """Tensors of the given (dtype, shape) per name, all views of one uninitialised byte storage (in shared
+    memory when asked, as default_collate allocates in workers), each aligned to 64 bytes."""
+    offsets, total = [], 0
+    for group in groups:
+        for dtype, shape in group.values():
+            offsets.append(total)
+            total += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+    storage = batch_tensor(torch.uint8, (max(total, ALIGN),), shared=shared)
+    out, k = [], 0
+    for group in groups:
+        views = {}
+        for name, (dtype, shape) in group.items():
+            start = offsets[k]
+            views[name] = storage[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            k += 1
+        out.append(views)
+    return out
+
+
+def batch_tensor(dtype: torch.dtype, shape: tuple, *, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory when asked (as default_collate allocates in workers)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(*shape)
+
+
+def _shared_file(arrays: dict) -> tuple[int, dict[str, int]] | None:
+    """(fd, byte offset of each array) of the shared-memory file behind the block's storage; None where torch
+    shares memory otherwise (the file_system strategy): then the arrays are copied through the mapping."""
+    if not arrays:
+        return None
+    first = next(iter(arrays.values()))
+    try:
+        fd, _size = first.untyped_storage()._share_fd_cpu_()
+    except (RuntimeError, AttributeError):
+        return None
+    return fd, {k: t.storage_offset() * t.element_size() for k, t in arrays.items()}
+
+
+def block_of(batch) -> Block | None:
+    """The Block whose untouched rows ``batch`` is, else None."""
+    if type(batch) is list and batch and type(batch[0]) is Row and batch[0].block.owns(batch):
+        return batch[0].block
+    return None
+
+
+def _collate_rows(batch: list, *, collate_fn_map=None):
+    """default_collate for Row dicts: the block's own tensors when the batch is one block's untouched rows;
+    otherwise what default_collate makes of any list of dicts."""
+    def rest(items: list[dict]) -> dict:
+        return {k: _collate([d[k] for d in items], collate_fn_map=collate_fn_map) for k in items[0]}
+    block = block_of(batch)
+    if block is not None:
+        return dict(block.batch(rest))
+    return rest(batch)
+
+
+default_collate_fn_map[Row] = _collate_rows
