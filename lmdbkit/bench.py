@@ -548,6 +548,37 @@ def targets_table(tg: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def report(summary: dict):
+    """The targets as a table (target, measured ratio, what it needs, holds or missed): the benchmark's report."""
+    from .verdict import Table
+    mark = {True: "holds", False: "**missed**", None: "not measured"}
+    rows = [[t["target"], "-" if t["value"] is None else f"{t['value']:.3g}", t["threshold"], mark[t["holds"]]]
+            for t in summary["targets"]]
+    return Table(["target", "measured", "needs", ""], rows, title="Targets: ratios measured in this run")
+
+
+def verdict(summary: dict, *, require_targets: bool = False):
+    """The benchmark's closing summary (see lmdbkit.verdict): how many targets hold, the headline ratios, and each
+    missed target in one line. Missed targets fail the run only with ``require_targets``."""
+    from .verdict import Verdict
+    tg = summary["targets"]
+    held = [t for t in tg if t["holds"]]
+    missed = [t for t in tg if t["holds"] is False]
+    r = summary["ratios"]
+    facts = [("targets", f"{len(held)} of {sum(t['holds'] is not None for t in tg)} hold on this machine")]
+    for name, key in (("random reads, ~256 KiB", "read_random/stft256k: lmdbkit / pickle_lmdb"),
+                      ("random reads, ~1 KiB", "read_random/small1k: lmdbkit / pickle_lmdb"),
+                      ("DataLoader, 2 workers, ~256 KiB", "dataloader/stft256k/workers=2: lmdbkit_plain / pickle_lmdb"),
+                      ("DataLoader, 2 workers, ~1 KiB", "dataloader/small1k/workers=2: lmdbkit_plain / pickle_lmdb")):
+        if r.get(key):
+            facts.append((name, f"{r[key]:.2f}x pickle-in-LMDB"))
+    cold = r.get("cold_single/stft256k: lmdbkit / pread_1thread")
+    if cold:
+        facts.append(("cold single reads", f"{cold:.2f}x what the disk gives (pread of the same bytes)"))
+    problems = [f"{t['target']} (measured {t['value']:.3g})" for t in missed]
+    return Verdict("benchmark", facts, problems, strict=require_targets, missed=f"{len(missed)} TARGETS MISSED")
+
+
 def default_worker_counts() -> tuple[int, ...]:
     """DataLoader worker counts timed when none are given: 0, 1, 2, 4, 8 up to the cores here."""
     from .dataset import cores  # the DataLoader benchmark needs torch anyway

@@ -135,7 +135,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED: notebooks/{name}.ipynb: {exc}\n{where}", file=sys.stderr)
             return 1
         print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
+        verdict = final_output(out)
+        if verdict:
+            print("  " + verdict.replace("\n", "\n  "), flush=True)
     return 0
+
+
+def final_output(executed: str | Path) -> str:
+    """The text that an executed notebook's last code cell showed (its verdict), or "" if none."""
+    import nbformat
+    nb = nbformat.read(str(executed), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    texts = []
+    for o in code[-1].get("outputs", []) if code else []:
+        if o.get("output_type") == "stream" and o.get("name") == "stdout":
+            texts.append(o.get("text", ""))
+        elif o.get("output_type") in ("display_data", "execute_result"):
+            texts.append(o.get("data", {}).get("text/plain", ""))
+    return "\n".join(t.strip() for t in texts if t.strip())
 
 
 if __name__ == "__main__":

@@ -42,47 +42,82 @@ def class_balance(paths: Iterable[str | os.PathLike], field: str = "label_name")
     ax.set_xticks(x + width * (len(counts) - 1) / 2, [str(c) for c in classes], rotation=30, ha="right")
     ax.set_ylabel("items")
     ax.set_title("Items per class and split")
-    ax.legend()
+    ax.legend(title="split (items)", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def training_curves(result: dict, window: int = 10):
-    """Training loss (raw and smoothed) by step, with validation accuracy against chance in the title."""
+    """Left: training loss (raw and smoothed) and validation loss by step; right: validation accuracy by step
+    against chance. Runs recorded before validation curves existed show the final accuracy only."""
     plt = _plt()
     losses = np.asarray(result["losses"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(losses, alpha=0.3, label="loss")
+    curve = result.get("val_curve") or []
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    ax.plot(np.arange(1, len(losses) + 1), losses, alpha=0.3, label="training (per step)")
     if len(losses) >= window:
-        ax.plot(np.arange(window - 1, len(losses)), np.convolve(losses, np.ones(window) / window, "valid"),
-                label=f"mean of {window}")
+        ax.plot(np.arange(window, len(losses) + 1), np.convolve(losses, np.ones(window) / window, "valid"),
+                label=f"training (mean of {window})")
+    if curve:
+        ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], "o-", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel("cross-entropy loss")
     ax.set_yscale("log")
-    ax.set_title(f"val accuracy {result['val_accuracy']:.2f} (chance {result['chance']:.2f}), "
-                 f"{result['samples_per_second']:.0f} samples/s, data wait {100 * result['data_wait_share']:.0f}%")
-    ax.legend()
+    ax.set_title(f"loss: {result['first_loss']:.2f} -> {result['final_loss']:.2f} (training)", fontsize=10)
+    ax.legend(fontsize=8)
+    steps = [c["step"] for c in curve] or [result["steps"]]
+    accs = [c["accuracy"] for c in curve] or [result["val_accuracy"]]
+    acc.plot(steps, accs, "o-", color="C2", label="validation accuracy")
+    acc.axhline(result["chance"], color="k", linestyle="--", label=f"chance ({result['chance']:.2f})")
+    acc.set_ylim(0, 1.02)
+    acc.set_xlim(0, max(steps) * 1.02 + 1)
+    acc.set_xlabel("step")
+    acc.set_ylabel("accuracy")
+    acc.set_title(f"validation accuracy {result['val_accuracy']:.2f} on {result['val_items']} items", fontsize=10)
+    acc.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{result['samples_per_second']:.0f} samples/s on {result['device']}, "
+                 f"{100 * result['data_wait_share']:.0f}% of the time waiting for data", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def confusion(result: dict):
-    """The validation confusion matrix of a lmdbkit.train result (rows: true class, columns: predicted)."""
+    """The validation confusion matrix of a lmdbkit.train result, each row (true class) normalised to 1, with
+    the counts in the cells and the accuracy in the title."""
     plt = _plt()
-    m = np.asarray(result["confusion"])
+    m = np.asarray(result["confusion"], dtype=float)
     names = {v: k for k, v in (result.get("labels") or {}).items()}
-    names = [names.get(i, str(i)) for i in range(len(m))]
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(m), 1 + 0.5 * len(m)))
-    ax.imshow(m, cmap="Blues")
+    names = [str(names.get(i, i)) for i in range(len(m))]
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(m), 1.5 + 0.55 * len(m)))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(m):
         if v:
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(m)), names[:len(m)], rotation=45, ha="right")
-    ax.set_yticks(range(len(m)), names[:len(m)])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+            ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(m)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(m)), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = int(m.sum())
+    ax.set_title(f"validation: accuracy {np.trace(m) / max(total, 1):.2f} on {total} items", fontsize=10)
+    fig.colorbar(im, ax=ax, label="share of the true class", fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
+
+
+# plain names of the benchmark's methods
+LABELS = {
+    "lmdbkit": "lmdbkit", "lmdbkit_plain": "lmdbkit, plain DataLoader", "pickle_lmdb": "pickle in LMDB (older way)",
+    "pt_batches": ".pt batch files (older way)", "bare_txn_get": "bare txn.get (limit)", "memcpy": "memory copy (limit)",
+    "raw_put": "bare txn.put (limit)", "pread_1thread": "pread, 1 thread (disk limit)",
+    "pread_16threads": "pread, 16 threads (disk limit)",
+}
+KIND_LABELS = {"stft256k": "~256 KiB STFT items", "small1k": "~1 KiB items"}
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
 
 
 def bench_reads(summary: dict):
@@ -94,13 +129,13 @@ def bench_reads(summary: dict):
     for ax, kind in zip(axes[0], kinds):
         rows = {r["method"]: r["value"] for r in res if r["kind"] == kind}
         methods = [m for m in ("lmdbkit", "pickle_lmdb", "pt_batches") if m in rows]
-        ax.barh(methods, [rows[m] for m in methods], color=["C0", "C1", "C2"][:len(methods)])
+        ax.barh([label(m) for m in methods], [rows[m] for m in methods], color=["C0", "C1", "C2"][:len(methods)])
         for name, style in (("bare_txn_get", "--"), ("memcpy", ":")):
             if name in rows:
-                ax.axvline(rows[name], color="k", linestyle=style, label=f"{name} (limit)")
+                ax.axvline(rows[name], color="k", linestyle=style, label=label(name))
         ax.set_xscale("log")
-        ax.set_xlabel("items/s (random, warm cache)")
-        ax.set_title(kind)
+        ax.set_xlabel("items per second (random reads, warm page cache)")
+        ax.set_title(KIND_LABELS.get(kind, kind))
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
@@ -114,11 +149,12 @@ def bench_open(summary: dict):
         pts = sorted((int(r["kind"]), r["value"]) for r in summary["results"]
                      if r["measure"] == "open" and r["method"] == method)
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label=method)
+            ax.plot(*zip(*pts), marker=marker, label=label(method))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("items in the database")
-    ax.set_ylabel("construct + len (ms)")
+    ax.set_ylabel("open + len() (ms)")
+    ax.set_title("time to open a dataset")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -131,13 +167,16 @@ def bench_dataloader(summary: dict):
     kinds = sorted({r["kind"] for r in res})
     fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5 * max(1, len(kinds)), 3.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
+        counts = set()
         for method in ("lmdbkit", "lmdbkit_plain", "pickle_lmdb"):
             pts = sorted((r["extra"]["num_workers"], r["value"]) for r in res if r["kind"] == kind and r["method"] == method)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set_xlabel("num_workers")
-        ax.set_ylabel("items/s (batch 64, shuffled)")
-        ax.set_title(kind)
+                ax.plot(*zip(*pts), marker="o", label="lmdbkit, create_data_loader" if method == "lmdbkit" else label(method))
+                counts |= {w for w, _ in pts}
+        ax.set_xticks(sorted(counts))
+        ax.set_xlabel("DataLoader worker processes")
+        ax.set_ylabel("items per second (batch 64, shuffled)")
+        ax.set_title(KIND_LABELS.get(kind, kind))
         ax.legend()
     fig.tight_layout()
     return fig
@@ -158,7 +197,7 @@ def bench_cold(summary: dict):
         width = 0.8 / len(methods)
         for k, m in enumerate(methods):
             ys = [v.get((f"{temp}_{mode}", m), 0.0) for mode, _ in modes]
-            ax.bar([x + k * width for x in range(len(modes))], ys, width, label=m, color=f"C{k}")
+            ax.bar([x + k * width for x in range(len(modes))], ys, width, label=label(m), color=f"C{k}")
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(modes))], [label for _, label in modes], fontsize=8)
         ax.set_yscale("log")
         ax.set_title(f"{temp} page cache" + (" (dropped before each method)" if temp == "cold" else ""))
@@ -244,34 +283,58 @@ def rows_axis(cfg, n_rows: int) -> tuple[tuple[float, float], str, tuple | None]
     return (float(f[0]), float(f[-1])), "frequency (Hz)", None
 
 
-def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: bool = True):
-    """Draw one STFT item in dB, with time in seconds and frequency in Hz from ``cfg`` (frames and bins
-    without it). Multichannel items ([C, freqs, frames]) show their first channel. Returns the Figure."""
-    plt = _plt()
+def db_unit(cfg) -> str:
+    """What an item's image shows, and in dB relative to what: power of the STFT coefficients (or of the mel
+    bands) in dB re 1, where 1 is a full-scale coefficient of audio in [-1, 1]; MFCCs are plain values."""
+    if cfg is not None and cfg.output == "mfcc":
+        return "MFCC value"
+    if cfg is not None and cfg.is_mel:
+        return "mel-band power (dB re 1)"
+    return "power (dB re 1)"
+
+
+def item_image(spec, cfg=None) -> tuple[np.ndarray, list, str, str, tuple | None]:
+    """(image in dB, extent, x label, y label, y ticks or None) of one stored spectrogram item."""
     x = _to_numpy(spec)
     if x.ndim == 3:
         x = x[0]
     if x.ndim != 2:
         raise ValueError(f"a spectrogram is [freqs, frames] (or [channels, freqs, frames]); got shape {x.shape}")
-    unit, ticks = "dB (power re 1)", None
     if cfg is not None:
         from .stft import to_db
         db = to_db(x, cfg)
         t = cfg.times(x.shape[1])
-        xlabel = "time (s)"
         ylim, ylabel, ticks = rows_axis(cfg, x.shape[0])
-        extent = [t[0] if len(t) else 0, t[-1] if len(t) else 0, *ylim]
-        unit = "coefficient" if cfg.output == "mfcc" else unit
-    else:
-        p = np.abs(x).astype(np.float64) ** 2 if np.iscomplexobj(x) else x.astype(np.float64)
-        db = 10 * np.log10(np.maximum(np.abs(p), 1e-10))
-        extent, xlabel, ylabel = [0, x.shape[1], 0, x.shape[0]], "frame", "bin"
+        return db, [t[0] if len(t) else 0, t[-1] if len(t) else 0, *ylim], "time (s)", ylabel, ticks
+    p = np.abs(x).astype(np.float64) ** 2 if np.iscomplexobj(x) else x.astype(np.float64)
+    db = 10 * np.log10(np.maximum(np.abs(p), 1e-10))
+    return db, [0, x.shape[1], 0, x.shape[0]], "frame", "bin", None
+
+
+def colour_range(images: list[np.ndarray], cfg=None, floor_db: float = 80.0) -> tuple[float, float]:
+    """One colour scale for several images: the highest value down to ``floor_db`` below it (MFCCs: their
+    whole range)."""
+    images = [d for d in images if d.size]
+    if not images:
+        return -floor_db, 0.0
+    hi = max(float(np.max(d)) for d in images)
+    if cfg is not None and cfg.output == "mfcc":
+        return min(float(np.min(d)) for d in images), hi
+    return hi - floor_db, hi
+
+
+def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: bool = True,
+                vrange: tuple[float, float] | None = None):
+    """Draw one STFT item in dB, with time in seconds and frequency in Hz from ``cfg`` (frames and bins
+    without it). Multichannel items ([C, freqs, frames]) show their first channel. ``vrange``: the colour
+    scale (default: the item's peak down 80 dB). Returns the Figure."""
+    plt = _plt()
+    db, extent, xlabel, ylabel, ticks = item_image(spec, cfg)
     if ax is None:
         fig, ax = plt.subplots(figsize=(7, 3.2))
     else:
         fig = ax.figure
-    vmax = float(np.max(db)) if db.size else 0.0
-    vmin = float(np.min(db)) if unit == "coefficient" and db.size else vmax - 80
+    vmin, vmax = vrange if vrange is not None else colour_range([db], cfg)
     im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vmin, vmax=vmax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -280,7 +343,7 @@ def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: 
     if title:
         ax.set_title(title, fontsize=9)
     if colorbar:
-        fig.colorbar(im, ax=ax, label=unit)
+        fig.colorbar(im, ax=ax, label=db_unit(cfg))
     return fig
 
 
@@ -379,23 +442,40 @@ def choose_spot_check(reader, *, indices=None, per_label: int = 2, seed: int = 0
 
 
 def spot_check_grid(reader, indices: list[int], *, cols: int = 4, field: str = "stft"):
-    """A grid of items (spectrograms for STFT databases), each titled with its index, key and label."""
+    """A grid of items (spectrograms for STFT databases) on one colour scale with one colour bar, each titled
+    with its index and label over its key."""
     plt = _plt()
     cfg = stft_config(reader)
     rows = max(1, -(-len(indices) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, indices):
+    samples = [reader[i] for i in indices]
+    spectra = cfg is not None and all(field in s for s in samples)
+    images = [item_image(s[field], cfg) for s in samples] if spectra else []
+    vmin, vmax = colour_range([im[0] for im in images], cfg)
+    im = None
+    for k, (ax, i, s) in enumerate(zip(axes.flat, indices, samples)):
         ax.axis("on")
-        s = reader[i]
-        title = item_title(reader, i, s)
-        if cfg is not None and field in s:
-            spectrogram(s[field], cfg, ax=ax, title=title, colorbar=False)
+        key = reader.key_of(i) or ""
+        label = s.get("label_name", s.get("label"))
+        short = key if len(key) <= 34 else "..." + key[-31:]
+        title = f"#{i}" + (f"  [{label}]" if label is not None else "") + f"\n{short}"
+        if spectra:
+            db, extent, xlabel, ylabel, ticks = images[k]
+            im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vmin, vmax=vmax)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel if k % cols == 0 else "", fontsize=8)
+            if ticks is not None:
+                ax.set_yticks(*ticks)
+            ax.tick_params(labelsize=7)
         else:
             arrays = [v for v in s.values() if is_array(v)]
             array(arrays[0] if arrays else np.zeros(0), ax=ax, title=title)
     fig.tight_layout()
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), label=db_unit(cfg), shrink=0.9, pad=0.01)
     return fig
 
 
@@ -438,3 +518,18 @@ def spot_check(source, output_dir, *, split: str | None = None, indices=None, pe
         plt.close(grid)
         return {"source": str(source), "split": chosen_split, "splits": sorted(groups), "items_in_split": len(r),
                 "stft": cfg.to_dict() if cfg else None, "items": items, "grid": str(grid_path)}
+
+
+def spot_check_verdict(summary: dict):
+    """The inspect notebook's closing summary (see lmdbkit.verdict): what was drawn, and any empty figure."""
+    from .verdict import Verdict
+    items = summary["items"]
+    labels = sorted({str(i["label_name"] if i["label_name"] is not None else i["label"]) for i in items
+                     if i["label"] is not None or i["label_name"] is not None})
+    kind = (summary.get("stft") or {}).get("output", "generic arrays")
+    facts = [("drawn", f"{len(items)} items of {summary['items_in_split']} in split {summary['split']!r} "
+                       f"({', '.join(summary['splits'])} in {summary['source']}), stored as {kind}"),
+             ("labels", ", ".join(labels) if labels else "none"),
+             ("figures", f"{summary['grid']} and one PNG per item")]
+    problems = [f"empty figure {p}" for p in [summary["grid"]] + [i["png"] for i in items] if not Path(p).stat().st_size]
+    return Verdict("inspect", facts, problems)

@@ -567,6 +567,33 @@ if __name__ == "__main__":
 
 def check_outputs(summary: dict) -> None:
     """Fail loudly (LmdbkitError) if a split is empty or the databases disagree with the summary."""
+    problems = output_problems(summary)
+    if problems:
+        raise LmdbkitError("precompute output check failed:\n  " + "\n  ".join(problems))
+
+
+def verdict(summary: dict):
+    """The run's closing summary (see lmdbkit.verdict): the databases made, the speed, what was skipped, and the
+    output check's problems."""
+    from .verdict import Verdict
+    splits = summary["splits"]
+    made = ", ".join(f"{split} {d['items']} items" for split, d in splits.items())
+    mib = sum(d["bytes"] for d in splits.values()) / 2**20
+    facts = [("made", f"{made} ({mib:.1f} MiB) in {Path(summary['output_dir']).resolve()}"),
+             ("from", f"{summary['files_processed']} files this run, {summary['files_resumed']} already done"
+                      + (f"; {len(summary['labels'])} labels" if summary.get("labels") else ""))]
+    rate, dec = summary.get("audio_seconds_per_second"), (summary.get("decode_only") or {}).get("audio_seconds_per_second")
+    if rate:
+        facts.append(("speed", f"{rate:.0f} audio-seconds/s on {summary['device']}"
+                               + (f", {rate / dec:.2f}x decoding alone ({dec:.0f}/s)" if dec else "")))
+    skipped = summary["skipped"]
+    facts.append(("skipped", f"{len(skipped)} files" + (f" (first: {skipped[0]['path']}: {skipped[0]['reason']})"
+                                                        if skipped else "")))
+    return Verdict("precompute", facts, output_problems(summary))
+
+
+def output_problems(summary: dict) -> list[str]:
+    """What is wrong with a run's databases: an empty split, or counts that disagree with the summary."""
     problems = []
     for split, d in summary["splits"].items():
         with Reader(d["database"]) as r:
@@ -581,5 +608,4 @@ def check_outputs(summary: dict) -> None:
                             f"({len(keys)} keys)")
         if files != d["files"]:
             problems.append(f"split {split!r}: the summary says {d['files']} files, the database's record {files}")
-    if problems:
-        raise LmdbkitError("precompute output check failed:\n  " + "\n  ".join(problems))
+    return problems

@@ -73,11 +73,19 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
 
 def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = None, batch_size: int = 32,
           num_workers: int | None = None, lr: float = 3e-3, device: str = "auto", seed: int = 0, frames: int = 64,
-          width: int = 8, log_every: int = 10, record_indices: bool = False, progress: bool = True) -> dict[str, Any]:
+          width: int = 8, log_every: int = 10, record_indices: bool = False, progress: bool = True,
+          eval_every: int | None = None) -> dict[str, Any]:
     """Train SmallCNN on ``train_db`` for ``steps`` optimizer steps (or until ``max_seconds``), evaluate on
-    ``val_db``; returns the figures (see the module docstring). Reproducible for a given seed."""
+    ``val_db``; returns the figures (see the module docstring). Reproducible for a given seed.
+
+    eval_every: also measure validation loss and accuracy every this many steps (``val_curve``); None: ten
+    times over the run; 0: only at the end."""
     if not isinstance(steps, int) or steps < 1:
         raise LmdbkitError(f"steps={steps!r}: give a positive number of optimizer steps")
+    if eval_every is None:
+        eval_every = max(1, steps // 10)
+    if not isinstance(eval_every, int) or eval_every < 0:
+        raise LmdbkitError(f"eval_every={eval_every!r}: give a number of steps (0: evaluate only at the end)")
     dev = resolve_device(device)
     if num_workers is None:
         num_workers = default_workers()
@@ -114,6 +122,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
     bar = tqdm(total=steps, desc=f"train (rank {rank})" if world > 1 else "train", disable=not progress or rank != 0,
                dynamic_ncols=True)
     losses: list[float] = []
+    val_curve: list[dict] = []
     label_counts = torch.zeros(n_classes, dtype=torch.long, device=dev)  # for the loss of ignoring the input
     epoch_indices: list[list[int]] = []
     step, epoch, samples, wait, t0 = 0, 0, 0, 0.0, time.perf_counter()
@@ -146,23 +155,30 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
             stop = step >= steps or _any_rank(timed_out, world, dev)
             if stop:
                 break
+            if eval_every and step % eval_every == 0:
+                t_eval = time.perf_counter()
+                val_curve.append(_val_point(step, *_evaluate(_unwrap(model, world), val_loader, tf_val, n_classes,
+                                                             dev, world)))
+                t0 += time.perf_counter() - t_eval  # evaluating is not training time
             t_wait = time.perf_counter()
         epoch += 1
     elapsed = time.perf_counter() - t0
     bar.close()
-    raw = model.module if world > 1 else model
+    raw = _unwrap(model, world)
     if world > 1:  # BatchNorm statistics were last updated from each rank's own batch: take rank 0's, as DDP does
         for b in raw.buffers():
             dist.broadcast(b, 0)
     # evaluate the unwrapped model: DDP's forward is a collective, and val shards may differ in batches
-    correct, total, per_class = _evaluate(raw, val_loader, tf_val, n_classes, dev, world)
+    correct, total, per_class, val_loss = _evaluate(raw, val_loader, tf_val, n_classes, dev, world)
+    val_curve.append(_val_point(step, correct, total, per_class, val_loss))
     val_counts = per_class.sum(dim=1)
     result = {
         "rank": rank, "world_size": world, "device": str(dev), "num_workers": num_workers, "batch_size": batch_size,
         "steps": step, "epochs": epoch, "elapsed_seconds": elapsed, "samples": samples * world,
         "samples_per_second": samples * world / elapsed, "data_wait_share": wait / elapsed,
         "first_loss": float(np.mean(losses[:log_every])), "final_loss": float(np.mean(losses[-log_every:])),
-        "losses": losses, "val_items": int(total), "val_accuracy": correct / max(total, 1),
+        "losses": losses, "val_items": int(total), "val_accuracy": correct / max(total, 1), "val_loss": val_loss,
+        "val_curve": val_curve,
         "chance": float(val_counts.max() / max(total, 1)) if total else 1.0 / n_classes,
         "train_label_entropy": _entropy(label_counts.cpu()),
         "n_classes": n_classes, "labels": labels, "confusion": per_class.tolist(), "model_checksum": model_checksum(raw),
@@ -184,18 +200,32 @@ def _any_rank(flag: bool, world: int, dev: torch.device) -> bool:
     return bool(t.item())
 
 
+def _unwrap(model, world: int):
+    return model.module if world > 1 else model
+
+
+def _val_point(step: int, correct: int, total: int, _confusion, loss: float) -> dict:
+    return {"step": step, "loss": loss, "accuracy": correct / max(total, 1)}
+
+
 @torch.no_grad()
 def _evaluate(model, loader, tf, n_classes, dev, world):
+    """(correct, total, confusion [true, predicted], mean cross-entropy) over the validation loader."""
     model.eval()
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long, device=dev)  # [true, predicted]
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
     for batch in loader:
         batch = tf.to_device(batch)
-        pred = model(batch["stft"]).argmax(1)
+        logits = model(batch["stft"])
+        loss += nn.functional.cross_entropy(logits, batch["label"], reduction="sum").double()
+        pred = logits.argmax(1)
         confusion.index_put_((batch["label"], pred), torch.ones_like(pred), accumulate=True)
     if world > 1:
         dist.all_reduce(confusion)
+        dist.all_reduce(loss)
     model.train()
-    return int(confusion.diag().sum()), int(confusion.sum()), confusion.cpu()
+    total = int(confusion.sum())
+    return int(confusion.diag().sum()), total, confusion.cpu(), float(loss) / max(total, 1)
 
 
 def split_paths(data_dir: str | os.PathLike, split: str) -> list[str]:
@@ -232,9 +262,38 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 MIN_VAL_ITEMS = 50  # below this, the 95% interval of a validation accuracy is wider than about +-0.14: noise
 
 
+def verdict(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_ratio: float = 0.7,
+            min_val_items: int = MIN_VAL_ITEMS):
+    """The smoke test's closing summary (see lmdbkit.verdict): what trained, how fast, and what the verdict
+    rests on (``judge``)."""
+    from .verdict import Verdict
+    basis, problems = judge(result, min_accuracy_margin=min_accuracy_margin, max_loss_ratio=max_loss_ratio,
+                            min_val_items=min_val_items)
+    facts = [("trained", f"{result['steps']} steps ({result['epochs']} epochs) of batch {result['batch_size']} in "
+                         f"{result['elapsed_seconds']:.1f} s on {result['device']}, {result['num_workers']} workers"),
+             ("speed", f"{result['samples_per_second']:.0f} samples/s, {100 * result['data_wait_share']:.1f}% of the "
+                       "time waiting for data"),
+             ("loss", f"{result['first_loss']:.3f} -> {result['final_loss']:.3f}"),
+             ("validation", f"accuracy {result['val_accuracy']:.3f} on {result['val_items']} items (chance "
+                            f"{result['chance']:.3f})")]
+    facts += [("rests on", b) for b in basis]
+    return Verdict("train smoke test", facts, problems)
+
+
 def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_ratio: float = 0.7,
                  min_val_items: int = MIN_VAL_ITEMS) -> str:
-    """The verdict, with what it rests on; LmdbkitError (the same text) if the model did not learn.
+    """The verdict as one line; LmdbkitError (the same text) if the model did not learn (see ``judge``)."""
+    basis, problems = judge(result, min_accuracy_margin=min_accuracy_margin, max_loss_ratio=max_loss_ratio,
+                            min_val_items=min_val_items)
+    if problems:
+        raise LmdbkitError("train smoke test failed:\n  " + "\n  ".join(problems + basis))
+    return ("train smoke test passed: the loss fell " + f"{result['first_loss']:.3f} -> {result['final_loss']:.3f}; "
+            + "; ".join(basis))
+
+
+def judge(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_ratio: float = 0.7,
+          min_val_items: int = MIN_VAL_ITEMS) -> tuple[list[str], list[str]]:
+    """(what the verdict rests on, problems): the model learnt when there are no problems.
 
     The loss must fall (below ``max_loss_ratio`` x its start). With at least ``min_val_items`` validation items,
     validation accuracy must beat chance (the largest class's share) by ``min_accuracy_margin``. With fewer (a
@@ -269,9 +328,7 @@ def check_result(result: dict, *, min_accuracy_margin: float = 0.2, max_loss_rat
             line = (f"final training loss {final:.3f} against {prior:.3f} for a model that ignores its input (the "
                     f"entropy of the training labels; needs < {max_loss_ratio} x)")
             (basis if final < max_loss_ratio * prior else problems).append(line)
-    if problems:
-        raise LmdbkitError("train smoke test failed:\n  " + "\n  ".join(problems + basis))
-    return "train smoke test passed: the loss fell " + f"{first:.3f} -> {final:.3f}; " + "; ".join(basis)
+    return basis, problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seeds the model, the shuffling and the workers")
     add("--frames", type=int, default=64, help="items are cropped (randomly in training) or padded to this")
     add("--width", type=int, default=8, help="channels of the first conv layer (doubling per layer)")
+    add("--eval-every", type=int, help="validation loss and accuracy every this many steps; none: ten times; 0: at "
+        "the end only")
     add("--record-indices", action="store_true", help="record each epoch's sample indices per rank")
     add("--output-dir", help="each rank writes train_rank<r>.json here; none: print rank 0's result only")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -60,7 +60,7 @@ class Browser(w.VBox):
                           layout=w.Layout(width="60%"))
         self.status = w.HTML()
         self.caption = w.HTML()
-        self.image = w.Image(format="png", layout=w.Layout(width="630px", height="288px", object_fit="contain"))
+        self.image = w.Image(format=ItemCanvas.format, layout=w.Layout(width="630px", height="288px", object_fit="contain"))
         self.table = w.HTML(layout=w.Layout(max_width="420px"))
         self.player = w.Audio(format="wav", autoplay=False, controls=True, layout=w.Layout(width="630px"))
         self.error_out = w.Output()

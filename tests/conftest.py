@@ -1,3 +1,6 @@
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -29,3 +32,15 @@ def demo_data(tmp_path_factory):
     corpus = demo.make_corpus(base / "corpus", n_per_class=10)
     precompute(corpus, output_dir=base / "data", num_workers=0, progress=False, n_fft=256, hop_length=128)
     return base / "data"
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def chromium(playwright):
+    """Debian's Chromium, headless, driven by Playwright (.ci/run installs it; Playwright's own download is not used)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium); .ci/run does")
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])

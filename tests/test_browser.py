@@ -7,7 +7,6 @@ Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it). Skip locally w
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,8 +18,9 @@ import pytest
 
 from lmdbkit import notebooks
 
+from conftest import chromium
+
 pytestmark = pytest.mark.browser
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
 
 
@@ -82,15 +82,11 @@ def _accept_kernel_dialog(page) -> None:
 def test_inspect_notebook_in_jupyterlab(lab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium); .ci/run does")
     base, token = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        browser = chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
         try:

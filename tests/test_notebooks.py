@@ -13,6 +13,16 @@ import torch
 from lmdbkit import notebooks
 
 NAMES = notebooks.available()
+ARTIFACTS = notebooks.ROOT / "test-artifacts" / "notebooks"
+
+
+def _verdict(executed, name):
+    """The executed notebook's closing verdict (its last cell's text), kept as a CI artifact with the notebook."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(executed, ARTIFACTS / f"{name}.ipynb")
+    text = notebooks.final_output(executed)
+    (ARTIFACTS / f"{name}.verdict.txt").write_text(text)
+    return text
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -64,6 +74,8 @@ def test_precompute_notebook(ci_run):
     assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
     assert "precompute: 100%" in text and "decode only: 100%" in text
+    verdict = _verdict(base / "precompute.ipynb", "precompute")
+    assert verdict.startswith("precompute: PASSED\n- made: train ") and "- skipped: 3 files" in verdict
 
 
 def test_failing_invariant_fails_the_papermill_run(tmp_path):
@@ -85,6 +97,9 @@ def test_train_smoke_test_notebook(ci_run):
         assert r.metadata["stft"]["output"] == "log_mel" and r[0]["stft"].dtype == torch.float16
     assert s["val_accuracy"] >= s["chance"] + 0.1 and s["final_loss"] < s["first_loss"] and s["num_workers"] == 2
     assert (out / "training_curves.png").stat().st_size > 1000 and (out / "confusion.png").exists()
+    verdict = _verdict(base / "train.ipynb", "train_smoke_test")
+    assert verdict.startswith("train smoke test: PASSED\n- trained: ") and "- rests on: validation accuracy" in verdict
+    assert len(s["val_curve"]) == 10
 
 
 def test_benchmark_notebook(ci_run):
@@ -96,6 +111,14 @@ def test_benchmark_notebook(ci_run):
     assert s["database"]["items"] > 0 and s["targets"] and s["ratios"]
     assert {p.split("/")[-1] for p in s["figures"]} == {"bench_reads.png", "bench_open.png", "bench_dataloader.png",
                                                          "bench_cold.png", "bench_kinds.png"}
+    verdict = _verdict(base / "benchmark.ipynb", "benchmark")
+    missed = sum(t["holds"] is False for t in s["targets"])
+    assert verdict.splitlines()[0] == ("benchmark: PASSED" if not missed else f"benchmark: {missed} TARGETS MISSED")
+    assert verdict.count("- missed: ") == missed
+    executed = nbformat.read(base / "benchmark.ipynb", as_version=4)  # a report: the ratio table, not raw results
+    assert any("text/markdown" in o.get("data", {}) and "| target |" in o["data"]["text/markdown"]
+               for c in executed.cells for o in c.get("outputs", []))
+    assert not any("read_random" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
 
 
 def test_inspect_notebook(ci_run):
@@ -107,6 +130,7 @@ def test_inspect_notebook(ci_run):
     for path in [s["grid"]] + [i["png"] for i in s["items"]]:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert _verdict(base / "inspect.ipynb", "inspect").startswith("inspect: PASSED\n- drawn: 8 items of ")
 
 
 def test_all_four_notebooks_are_in_the_demo():
@@ -139,3 +163,30 @@ def test_jupyterlab_recipe_kernel_started_in_notebooks(ci_run, tmp_path):
                         cwd=str(proj / "notebooks"), kernel_name="python3", progress_bar=False)
     assert json.loads((proj / "runs" / "inspect" / "summary.json").read_text())["split"] == "train"
     assert not (proj / "notebooks" / "runs").exists()
+
+
+@pytest.mark.browser
+def test_final_outputs_are_screenshotted():
+    """Each executed notebook (kept by the tests above) as JupyterLab's HTML, its closing output screenshotted in
+    Chromium into test-artifacts/notebooks/<name>.png."""
+    from nbconvert import HTMLExporter
+    from playwright.sync_api import sync_playwright
+    from conftest import chromium
+    missing = [n for n in NAMES if not (ARTIFACTS / f"{n}.ipynb").exists()]
+    assert not missing, f"no executed {missing} in {ARTIFACTS}: run the whole of tests/test_notebooks.py"
+    with sync_playwright() as p:
+        browser = chromium(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        try:
+            for name in NAMES:
+                html, _ = HTMLExporter(template_name="lab").from_filename(str(ARTIFACTS / f"{name}.ipynb"))
+                (ARTIFACTS / f"{name}.html").write_text(html)
+                page.goto((ARTIFACTS / f"{name}.html").as_uri())
+                last = page.locator(".jp-CodeCell").last
+                last.scroll_into_view_if_needed()
+                out = ARTIFACTS / f"{name}.png"
+                last.screenshot(path=str(out))
+                assert "PASSED" in last.inner_text() or "TARGETS MISSED" in last.inner_text(), name
+                assert out.stat().st_size > 2000
+        finally:
+            browser.close()

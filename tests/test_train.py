@@ -11,6 +11,7 @@ from lmdbkit.dataset import (FixFrames, LMDBDataTransform, Normalize, ShardSampl
                              ToSpectrogram, create_data_loader, create_train_val_loaders, crop_collate, pad_collate)
 from lmdbkit.errors import LmdbkitError
 from lmdbkit.train import check_result, split_paths, train
+from lmdbkit.train import verdict as lmdbkit_verdict
 
 
 def test_to_spectrogram_outputs():
@@ -97,7 +98,16 @@ def test_train_learns_and_is_reproducible(demo_data):
     assert a["steps"] == 60 and a["final_loss"] < 0.7 * a["first_loss"]
     assert a["val_accuracy"] > a["chance"] + 0.1, a
     assert a["losses"] == b["losses"] and a["model_checksum"] == b["model_checksum"]
+    # validation measured along the way (ten times), without changing what is trained
+    assert [p["step"] for p in a["val_curve"]] == list(range(6, 61, 6)) and a["val_curve"] == b["val_curve"]
+    assert a["val_curve"][-1]["accuracy"] == a["val_accuracy"] and a["val_curve"][-1]["loss"] == a["val_loss"]
+    assert a["val_curve"][-1]["loss"] < a["val_curve"][0]["loss"]
+    quiet = train(demo_data / "train.lmdb", demo_data / "val.lmdb", **dict(kw, eval_every=0))
+    assert quiet["losses"] == a["losses"] and len(quiet["val_curve"]) == 1
     assert "validation accuracy" in check_result(a, min_accuracy_margin=0.1, min_val_items=1)
+    v = lmdbkit_verdict(a, min_accuracy_margin=0.1, min_val_items=1)
+    assert str(v).startswith("train smoke test: PASSED\n- trained: 60 steps") and not v.failed
+    assert lmdbkit_verdict(dict(a, val_accuracy=a["chance"]), min_accuracy_margin=0.1, min_val_items=1).failed
     with pytest.raises(LmdbkitError, match=r"validation accuracy .* against chance"):
         check_result(dict(a, val_accuracy=a["chance"]), min_accuracy_margin=0.1, min_val_items=1)
 
