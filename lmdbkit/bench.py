@@ -78,7 +78,8 @@ def _timed_puts(path: Path, nbytes: int, puts: Iterable[tuple[bytes, bytes]], *,
     committing every ``commit_every`` items (lmdbkit's default cadence), synced at the end."""
     if path.exists():
         shutil.rmtree(path)
-    env = lmdb.open(str(path), map_size=max(1 << 26, 2 * nbytes + (64 << 20)), readahead=False, meminit=False)
+    # address space only (the file grows as written): pickled tensors and random-order puts take ~4x the payload
+    env = lmdb.open(str(path), map_size=8 * nbytes + (256 << 20), readahead=False, meminit=False)
     t0 = time.perf_counter()
     txn = env.begin(write=True)
     for i, (k, v) in enumerate(puts):
