@@ -11,6 +11,7 @@ transform replaced or that come from different blocks are collated exactly as ``
 
 from __future__ import annotations
 
+import errno
 import math
 
 import torch
@@ -18,7 +19,7 @@ from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from . import codec
-from .errors import LmdbkitError
+from .errors import DamagedDatabaseError, LmdbkitError
 
 
 class Batch(dict):
@@ -112,9 +113,12 @@ def decode_block(bufs: list, where: list, *, verify: list, complex32: str, share
         metas = codec.decode_layout(bufs, layout, dests, verify=verify, complex32=complex32, decode_to="torch",
                                     file=file)
     except OSError as exc:
-        raise LmdbkitError(f"cannot fill a batch of {n} items in shared memory: {exc}. DataLoader workers hand "
-                           "batches over in /dev/shm: give it more room (docker run --shm-size=...), or use "
-                           "num_workers=0") from exc
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise LmdbkitError(f"cannot fill a batch of {n} items in shared memory: {exc}. DataLoader workers hand "
+                               "batches over in /dev/shm: give it more room (docker run --shm-size=...), or use "
+                               "num_workers=0") from exc
+        raise DamagedDatabaseError(f"{where[0][0]}: reading a batch failed ({exc}): is data.mdb truncated? Run "
+                                   f"`lmdbkit verify {where[0][0]}` for a report") from exc
     except codec.CorruptItemError:
         for b, buf in enumerate(bufs):  # find the item, so that the error names it
             try:
