@@ -255,10 +255,14 @@ def test_read_while_writing_follows_growth(tmp_path):
     p = tmp_path / "live.lmdb"
     proc = subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(p)])
     try:
-        while not (p / "data.mdb").exists():
-            time.sleep(0.01)
-        time.sleep(0.2)
-        r = lmdbkit.Reader(p)  # the lock table has the size its creator (the writer) gave it
+        deadline = time.time() + 30
+        while True:  # until the writer's first commit (its format record): on a loaded machine, seconds
+            try:
+                r = lmdbkit.Reader(p)  # the lock table has the size its creator (the writer) gave it
+                break
+            except (lmdbkit.DatabaseNotFoundError, lmdbkit.NotADatabaseError):
+                assert time.time() < deadline and proc.poll() is None, "the writer made no database"
+                time.sleep(0.05)
         assert r._handle().locked and r._handle().env.max_readers() == 8
         seen = []
         while proc.poll() is None or len(seen) < 3:
