@@ -325,29 +325,39 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
     decoded byte size)``, checked so that allocating an array of that shape and copying ``stored length``
     bytes from ``offset`` stays within the buffer and within what the shape needs.
     """
-    buf = memoryview(buf)
-    if len(buf) < PREFIX_SIZE:
-        raise _corrupt(f"{len(buf)} bytes is shorter than the {PREFIX_SIZE}-byte item prefix")
+    start, stored, key, fields, arrays = _header(buf)
+    return start, stored, key, fields, _checked(arrays, len(buf) - start)
+
+
+def _header(buf) -> tuple[int, int, str | None, dict, list]:
+    """(payload start, stored checksum, key, fields, the array descriptors as stored) after checking the prefix
+    and the header's shape; the descriptors are not checked (``_checked`` does that)."""
+    n = len(buf)
+    if n < PREFIX_SIZE:
+        raise _corrupt(f"{n} bytes is shorter than the {PREFIX_SIZE}-byte item prefix")
     magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
-    if magic != MAGIC or version != VERSION or PREFIX_SIZE + hlen > len(buf):
+    start = PREFIX_SIZE + hlen
+    if magic != MAGIC or version != VERSION or start > n:
         read_prefix(buf)  # raises the precise error
     try:
-        key, fields, arrays = msgpack.unpackb(buf[PREFIX_SIZE:PREFIX_SIZE + hlen], raw=False, strict_map_key=False)
+        key, fields, arrays = msgpack.unpackb(memoryview(buf)[PREFIX_SIZE:start], raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises many kinds on malformed input
         raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})"[:300]) from exc
     if type(fields) is not dict or type(arrays) is not list:
         raise _corrupt("header is not a sample record")
     if key is not None and type(key) is not str:
         raise _corrupt("header key is not a string")
-    start = PREFIX_SIZE + hlen
-    payload = len(buf) - start
+    return start, stored, key, fields, arrays
+
+
+def _checked(arrays: list, payload: int) -> list:
     checked = []
     for desc in arrays:
         if type(desc) is not list or len(desc) != 7:
             raise _corrupt(f"malformed array descriptor {desc!r}"[:200])
         field, kind, dcode, ccode, off, n, shape = desc
         checked.append(check_array(field, kind, dcode, ccode, off, n, shape, payload))
-    return start, stored, key, fields, checked
+    return checked
 
 
 MAX_NDIM = 32
@@ -410,8 +420,8 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
     decode_to: "auto" gives back the kind that was written (torch tensor or numpy array; numpy when torch
     cannot be imported), "numpy" gives numpy arrays, "torch" gives torch tensors (numpy scalars stay scalars).
     verify: check the checksum first (compressed arrays are always checked before they are inflated).
-    out: destinations for top-level array fields (C-contiguous numpy arrays, e.g. views into one batch
-    tensor): those arrays are copied there (still one copy) and the field holds the destination.
+    out: destinations for top-level array fields (C-contiguous numpy arrays): those arrays are copied there
+    (still one copy) and the field holds the destination. Batches of one layout: see ``decode_layout``.
     parsed: what ``parse(buf)`` returned for this buffer, if the caller already has it (it is consumed).
     complex32: complex32 arrays come back as "complex64" or as their float16 "pairs" (see COMPLEX32).
     """
@@ -576,31 +586,17 @@ class Layout:
 
 def batch_layout(bufs: list) -> Layout | None:
     """The Layout shared by every buffer, or None when their array layouts or field names differ, or an array
-    is compressed.
-    Raises CorruptItemError (without naming the item) for a malformed item: decode it alone to name it."""
-    first = parse(bufs[0])
-    start0, _, _, fields0, arrays = first
+    is compressed. Raises CorruptItemError (without naming the item) for a malformed item: decode it alone to
+    name it."""
+    start0, stored0, _, fields0, raw0 = _header(bufs[0])
+    arrays = _checked(raw0, len(bufs[0]) - start0)
     if any(d[3] for d in arrays):
         return None
     need = max((d[4] + d[5] for d in arrays), default=0)  # payload bytes the descriptors reach
-    raw0 = msgpack.unpackb(memoryview(bufs[0])[PREFIX_SIZE:start0], raw=False, strict_map_key=False)[2]
-    items = [(start0, first[1], fields0)]
     keys0 = fields0.keys()
-    unpack, prefix = msgpack.unpackb, _PREFIX.unpack_from
+    items = [(start0, stored0, fields0)]
     for buf in bufs[1:]:
-        if len(buf) < PREFIX_SIZE:
-            read_prefix(buf)
-        magic, version, _flags, hlen, stored = prefix(buf, 0)
-        start = PREFIX_SIZE + hlen
-        if magic != MAGIC or version != VERSION or start > len(buf):
-            read_prefix(buf)  # raises the precise error
-        try:
-            head = unpack(buf[PREFIX_SIZE:start], raw=False, strict_map_key=False)
-            _key, fields, raw = head
-        except Exception as exc:  # msgpack raises many kinds on malformed input
-            raise _corrupt(f"malformed header ({type(exc).__name__}: {exc})"[:300]) from exc
-        if type(fields) is not dict:
-            raise _corrupt("header is not a sample record")
+        start, stored, _, fields, raw = _header(buf)
         if raw != raw0 or fields.keys() != keys0:  # C-level comparisons: the first's layout, checked there
             return None
         if start + need > len(buf):

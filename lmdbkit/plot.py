@@ -329,22 +329,32 @@ def spectrogram(spec, cfg=None, *, ax=None, title: str | None = None, colorbar: 
     without it). Multichannel items ([C, freqs, frames]) show their first channel. ``vrange``: the colour
     scale (default: the item's peak down 80 dB). Returns the Figure."""
     plt = _plt()
-    db, extent, xlabel, ylabel, ticks = item_image(spec, cfg)
     if ax is None:
         fig, ax = plt.subplots(figsize=(7, 3.2))
     else:
         fig = ax.figure
-    vmin, vmax = vrange if vrange is not None else colour_range([db], cfg)
-    im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vmin, vmax=vmax)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if ticks is not None:
-        ax.set_yticks(*ticks)
-    if title:
-        ax.set_title(title, fontsize=9)
+    image = item_image(spec, cfg)
+    im = draw_image(ax, image, vrange if vrange is not None else colour_range([image[0]], cfg), title=title)
     if colorbar:
         fig.colorbar(im, ax=ax, label=db_unit(cfg))
     return fig
+
+
+def draw_image(ax, image: tuple, vrange: tuple[float, float], *, title: str | None = None, ylabel: bool = True,
+               small: bool = False):
+    """Draw what ``item_image`` made on ``ax`` with the colour scale ``vrange``; returns the AxesImage."""
+    db, extent, xlabel, yname, ticks = image
+    im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vrange[0], vmax=vrange[1])
+    size = 8 if small else None
+    ax.set_xlabel(xlabel, fontsize=size)
+    ax.set_ylabel(yname if ylabel else "", fontsize=size)
+    if ticks is not None:
+        ax.set_yticks(*ticks)
+    if small:
+        ax.tick_params(labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return im
 
 
 def array(value, *, ax=None, title: str | None = None):
@@ -441,35 +451,30 @@ def choose_spot_check(reader, *, indices=None, per_label: int = 2, seed: int = 0
     return sorted(rng.choice(n, size=min(n, per_label * 4), replace=False).tolist())
 
 
-def spot_check_grid(reader, indices: list[int], *, cols: int = 4, field: str = "stft"):
+def spot_check_grid(reader, indices: list[int], *, cols: int = 4, field: str = "stft",
+                    read: list[tuple[dict, str | None]] | None = None):
     """A grid of items (spectrograms for STFT databases) on one colour scale with one colour bar, each titled
-    with its index and label over its key."""
+    with its index and label over its key. ``read``: the (sample, key) of each index, if the caller has them."""
     plt = _plt()
     cfg = stft_config(reader)
     rows = max(1, -(-len(indices) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    samples = [reader[i] for i in indices]
+    read = read if read is not None else [(reader[i], reader.key_of(i)) for i in indices]
+    samples = [sample for sample, _ in read]
     spectra = cfg is not None and all(field in s for s in samples)
     images = [item_image(s[field], cfg) for s in samples] if spectra else []
     vmin, vmax = colour_range([im[0] for im in images], cfg)
     im = None
-    for k, (ax, i, s) in enumerate(zip(axes.flat, indices, samples)):
+    for k, (ax, i, (s, key)) in enumerate(zip(axes.flat, indices, read)):
         ax.axis("on")
-        key = reader.key_of(i) or ""
+        key = key or ""
         label = s.get("label_name", s.get("label"))
         short = key if len(key) <= 34 else "..." + key[-31:]
         title = f"#{i}" + (f"  [{label}]" if label is not None else "") + f"\n{short}"
         if spectra:
-            db, extent, xlabel, ylabel, ticks = images[k]
-            im = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="magma", vmin=vmin, vmax=vmax)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel(ylabel if k % cols == 0 else "", fontsize=8)
-            if ticks is not None:
-                ax.set_yticks(*ticks)
-            ax.tick_params(labelsize=7)
+            im = draw_image(ax, images[k], (vmin, vmax), title=title, ylabel=k % cols == 0, small=True)
         else:
             arrays = [v for v in s.values() if is_array(v)]
             array(arrays[0] if arrays else np.zeros(0), ax=ax, title=title)
@@ -502,17 +507,17 @@ def spot_check(source, output_dir, *, split: str | None = None, indices=None, pe
     with MultiReader(groups[chosen_split], decode_to="auto", allow_pickle=allow_pickle) as r:
         chosen = choose_spot_check(r, indices=indices, per_label=per_label, seed=seed)
         cfg = stft_config(r)
-        items, files = [], []
+        items, read = [], []
         for i in chosen:
-            s = r[i]
-            fig = item_figure(s, cfg, title=item_title(r, i, s))
+            s, key = r[i], r.key_of(i)
+            read.append((s, key))
+            fig = item_figure(s, cfg, title=item_title(r, i, s, key=key))
             path = out / f"item_{chosen_split}_{i:06d}.png"
             fig.savefig(path, dpi=90, bbox_inches="tight")
             plt.close(fig)
-            files.append(str(path))
-            items.append({"index": i, "key": r.key_of(i), "label": s.get("label"), "label_name": s.get("label_name"),
+            items.append({"index": i, "key": key, "label": s.get("label"), "label_name": s.get("label_name"),
                           "png": str(path)})
-        grid = spot_check_grid(r, chosen, cols=cols)
+        grid = spot_check_grid(r, chosen, cols=cols, read=read)
         grid_path = out / "spot_check.png"
         grid.savefig(grid_path, dpi=90, bbox_inches="tight")
         plt.close(grid)
