@@ -489,8 +489,9 @@ def ratios(results: list[Result]) -> dict[str, float]:
         for n, ms in opens:
             if n in pt:
                 out[f"open/{n}: pt_batches / lmdbkit"] = pt[n] / ms
-    from . import bench_cold
+    from . import bench_cold, bench_peers
     out.update(bench_cold.ratios(results))
+    out.update(bench_peers.ratios(results))
     return out
 
 
@@ -517,7 +518,7 @@ TARGETS = [
 
 def targets(results: list[Result]) -> list[dict]:
     """Each target of the benchmark issue, with the measured value and whether it holds."""
-    from . import bench_cold
+    from . import bench_cold, bench_peers
     r = ratios(results)
     out = []
     for name, key, op, thr in TARGETS + bench_cold.TARGETS:
@@ -529,6 +530,8 @@ def targets(results: list[Result]) -> list[dict]:
         worst = max(x.value for x in opens)
         out.append({"target": "open + len: under 10 ms", "ratio": "open ms (largest)", "value": worst,
                     "threshold": "<= 10", "holds": worst <= 10})
+    if any(x.measure.startswith("peers_") for x in results):
+        out += bench_peers.targets(results)
     return out
 
 
@@ -589,12 +592,14 @@ def default_worker_counts() -> tuple[int, ...]:
 def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 20000,
         open_counts=(1000, 10_000, 100_000), reads: int = 2000, min_seconds: float = 0.3, with_pt: bool = True,
         workers=None, cold: bool = True, cold_gb: float = 0.25, cold_reads: int = 512, cold_rounds: int = 1,
-        kinds: bool = True, plots: bool = True, progress: bool = True) -> dict:
+        kinds: bool = True, peers=False, plots: bool = True, progress: bool = True) -> dict:
     """The whole suite on generated items; writes summary.json (and PNG plots) into output_dir, returns it.
 
     cold: also read a ``cold_gb`` GB database with the page cache dropped (``bench_cold``), ``cold_reads``
     items per single/batch timing, the median of ``cold_rounds`` rounds. kinds: also compare the stored
-    feature kinds and dtypes on real speech (``bench_kinds``: bytes per audio-second, error, read speed)."""
+    feature kinds and dtypes on real speech (``bench_kinds``: bytes per audio-second, error, read speed).
+    peers: also run the same items through the peers installed here (``bench_peers``; True for all of them,
+    or a list of names), with a 2-worker DataLoader."""
     from .progress import tqdm
     if workers is None:
         workers = default_worker_counts()
@@ -603,7 +608,13 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
     out.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     steps = [(kind, n) for kind, n in (("stft256k", n_stft), ("small1k", n_small)) if n]
-    bar = tqdm(total=len(steps) * 2 + 1 + cold + kinds, desc="benchmark", disable=not progress)
+    if peers:
+        from . import bench_peers
+        peer_names = [p for p in (bench_peers.PEERS if peers is True else peers)]
+        unknown = sorted(set(peer_names) - set(bench_peers.PEERS))
+        if unknown:
+            raise ValueError(f"peers={unknown}: unknown. The peers are {sorted(bench_peers.PEERS)}")
+    bar = tqdm(total=len(steps) * (2 + bool(peers)) + 1 + cold + kinds, desc="benchmark", disable=not progress)
     kinds_result = None
     try:
         for kind, n in steps:
@@ -614,6 +625,10 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
             if workers:
                 results += bench_dataloader(kind, bench_paths(kind, work), workers=tuple(workers))
             bar.update()
+            if peers:
+                results += bench_peers.bench_peers(kind, n, work / "peers", peers=peer_names, reads=reads,
+                                                   min_seconds=min_seconds, progress=bar)
+                bar.update()
         if cold:
             from .bench_cold import bench_cold
             bar.set_postfix_str(f"cold reads ({cold_gb:g} GB)")
@@ -632,6 +647,8 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
         shutil.rmtree(work, ignore_errors=True)
     summary = {"results": [asdict(r) for r in results], "ratios": ratios(results), "targets": targets(results),
                "kinds": kinds_result, "machine": _machine()}
+    if peers:
+        summary["peers"] = bench_peers.summary(results, peer_names)
     if plots:
         from . import plot
         summary["figures"] = plot.save_bench_figures(summary, out)
@@ -667,12 +684,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-rounds", type=int, default=1, help="cold-read rounds (the median is reported)")
     ap.add_argument("--no-kinds", action="store_true", help="skip the feature kinds (bytes, error and read speed "
                                                            "of each stored kind and dtype on speech)")
+    ap.add_argument("--peers", nargs="?", const="all", default=None,
+                    help="also compare with the peers installed here (pip install -e '.[peers]'): all of them, or "
+                         "a comma-separated list of litdata,mosaic,wids,h5py,hf_datasets,lhotse")
     ap.add_argument("--db", help="also time random and sequential reads of this existing database")
     a = ap.parse_args(argv)
     counts = (1000, 10_000, 100_000, 1_000_000) if a.full else (1000, 10_000, 100_000)
     workers = None if a.workers is None else tuple(int(w) for w in a.workers.split(",") if w.strip())
     s = run(a.output_dir, n_stft=a.n_stft, n_small=a.n_small, open_counts=counts, with_pt=not a.no_pt,
-            workers=workers, cold=not a.no_cold, cold_gb=a.cold_gb, cold_rounds=a.cold_rounds, kinds=not a.no_kinds)
+            workers=workers, cold=not a.no_cold, cold_gb=a.cold_gb, cold_rounds=a.cold_rounds, kinds=not a.no_kinds,
+            peers=a.peers == "all" or (a.peers.split(",") if a.peers else False))
     if a.db:
         s["database"] = benchmark_lmdb_performance(a.db)
         Path(a.output_dir, "summary.json").write_text(json.dumps(s, indent=2))
@@ -683,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<60}{v:9.3f}")
     print()
     print(targets_table(s["targets"]))
+    if s.get("peers"):
+        from .bench_peers import text_tables
+        print(text_tables(s))
     if s["kinds"]:
         from .bench_kinds import table as kinds_table
         print(f"\nfeature kinds on {s['kinds']['corpus']}, {s['kinds']['audio_seconds']:.0f} audio-seconds:")

@@ -12,6 +12,11 @@ from . import store
 from .reader import Reader
 
 
+def _ticker():
+    import matplotlib.ticker
+    return matplotlib.ticker
+
+
 def _plt():
     import matplotlib
     if not os.environ.get("DISPLAY") and "inline" not in matplotlib.get_backend().lower() \
@@ -182,6 +187,43 @@ def bench_dataloader(summary: dict):
     return fig
 
 
+def bench_peers(summary: dict):
+    """lmdbkit beside each peer that ran, a row of panels per item size (writes synced at the end, disk, open,
+    warm random reads, DataLoader epoch), lmdbkit's bars in blue; None when the peers did not run."""
+    from .bench_peers import COLUMNS, LMDBKIT, PEERS
+    res = [r for r in summary["results"] if r["measure"].startswith("peers_") and r["measure"] != "peers_write"]
+    if not res:
+        return None
+    plt = _plt()
+    kinds = [k for k in KIND_LABELS if any(r["kind"] == k for r in res)]
+    measures = [m for m in COLUMNS if m != "peers_write"]
+    fig, axes = plt.subplots(len(kinds), len(measures), figsize=(3.3 * len(measures), 0.4 + 2.6 * len(kinds)),
+                             squeeze=False)
+    for row, kind in zip(axes, kinds):
+        for ax, m in zip(row, measures):
+            pts = [(r["method"], r["value"]) for r in res if r["kind"] == kind and r["measure"] == m]
+            names = [("lmdbkit, create_data_loader" if n == "lmdbkit" and m == "peers_dataloader" else
+                      label(n) if n in LMDBKIT else PEERS[n].name if n in PEERS else n) for n, _ in pts]
+            ax.barh(range(len(pts)), [v for _, v in pts], color=["C0" if n in LMDBKIT else "0.6" for n, _ in pts])
+            ax.set_yticks(range(len(pts)), names if ax is row[0] or m == "peers_dataloader" else [""] * len(pts),
+                          fontsize=8)
+            ax.invert_yaxis()
+            what, more = COLUMNS[m]
+            for y, (_, v) in enumerate(pts):
+                ax.text(v, y, f" {v:.3g}" if v < 100 else f" {v:,.0f}", va="center", fontsize=7)
+            if m != "peers_disk":
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(_ticker().NullFormatter())
+            ax.margins(x=0.35)
+            ax.set_title(f"{what}\n({'more' if more else 'less'} is better)", fontsize=9)
+            ax.tick_params(axis="x", labelsize=8)
+        row[0].set_ylabel(KIND_LABELS.get(kind, kind))
+    for ax in axes[:, measures.index("peers_dataloader")]:
+        ax.yaxis.tick_right()
+    fig.tight_layout()
+    return fig
+
+
 def bench_cold(summary: dict):
     """MiB/s of each way of reading ~256 KiB items, cold (page cache dropped) beside warm, lmdbkit against the
     disk's limits for the same bytes and the older ways; None when the cold section did not run."""
@@ -239,7 +281,7 @@ def save_bench_figures(summary: dict, output_dir) -> list[str]:
     out = []
     for name, fn in (("bench_reads.png", bench_reads), ("bench_open.png", bench_open),
                      ("bench_dataloader.png", bench_dataloader), ("bench_cold.png", bench_cold),
-                     ("bench_kinds.png", bench_kinds)):
+                     ("bench_kinds.png", bench_kinds), ("bench_peers.png", bench_peers)):
         fig = fn(summary)
         if fig is None:
             continue
