@@ -632,6 +632,8 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     torch = _torch() if decode_to != "numpy" else None
     checks = verify if isinstance(verify, list) else [verify] * len(bufs)
     hash64 = xxhash.xxh3_64_intdigest
+    meta_keys = [k for k in layout.order if k not in names]  # every item has the first's fields (batch_layout)
+    nested = (list, dict, msgpack.ExtType)
     metas = []
     for b, (buf, (start, stored, fields)) in enumerate(zip(bufs, layout.items)):
         buf = memoryview(buf)
@@ -643,14 +645,10 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             _pwrite_all(file[0], buf[start + off:start + off + n], base + b * n)  # the one copy, by the kernel
         for d in wide:
             _complex32(buf[start + d[4]:start + d[4] + d[5]], d[6], d[1], "numpy", None, dests[d[0]][b], complex32)
-        meta = {}
-        for k, v in fields.items():
-            if k in names:
-                continue
-            t = type(v)
-            if t is list or t is dict or t is msgpack.ExtType:
-                v = _walk(v, _Ctx(buf, start, stored, checks[b], decode_to, torch, complex32), 0)
-            meta[k] = v
+        meta = {k: fields[k] for k in meta_keys}
+        for k, v in meta.items():
+            if type(v) in nested:  # metadata lists and dicts, and arrays nested in them
+                meta[k] = _walk(v, _Ctx(buf, start, stored, checks[b], decode_to, torch, complex32), 0)
         metas.append(meta)
     return metas
 

@@ -91,7 +91,7 @@ class LMDBDataset(Dataset):
         return [self._out(s) for s in self.source.read_many(indices)]
 
     def _block(self, indices: list[int]) -> Block | None:
-        located = [self.source.locate(i) for i in indices]
+        located = self.source.locate_many(indices)
         if not located:
             return None
         with ExitStack() as stack:

@@ -489,13 +489,23 @@ class MultiReader:
         r = bisect.bisect_right(self.offsets, j) - 1
         return self.readers[r], j - self.offsets[r]
 
+    def locate_many(self, indices) -> list[tuple[Reader, int]]:
+        """``locate`` of each index; one database needs no search (negative indices count from the end)."""
+        if len(self.readers) != 1:
+            return [self.locate(i) for i in indices]
+        r, n = self.readers[0], len(self)
+        js = [i + n if i < 0 else i for i in indices]
+        if js and not (0 <= min(js) and max(js) < n):
+            return [self.locate(i) for i in indices]  # raises the IndexError naming the index
+        return [(r, j) for j in js]
+
     def __getitem__(self, i: int) -> dict:
         reader, j = self.locate(i)
         return reader[j]
 
     def read_many(self, indices) -> list[dict]:
         """Items by global index, in the order asked: one read transaction per database touched."""
-        located = [self.locate(i) for i in indices]
+        located = self.locate_many(indices)
         out: list = [None] * len(located)
         for reader, positions in by_reader(located):
             for pos, sample in zip(positions, reader.read_many([located[p][1] for p in positions])):

@@ -74,6 +74,16 @@ def test_concatenation_list_directory_glob(tmp_path):
         lmdbkit.LMDBDataset(str(tmp_path / "val-*.lmdb"))
 
 
+def test_getitems_of_one_database_takes_negative_indices_and_names_one_out_of_range(small_db):
+    ds = lmdbkit.LMDBDataset(small_db)
+    assert [s["i"] for s in ds.__getitems__([-1, 0, -100, 57])] == [99, 0, 0, 57]
+    assert [s["i"] for s in ds.source.read_many([-2, 3])] == [98, 3]
+    for bad in (100, -101):
+        with pytest.raises(IndexError, match=f"index {bad} is out of range for .*small.lmdb, which holds 100 items"):
+            ds.__getitems__([3, bad, 4])
+    ds.close()
+
+
 def test_getitems_uses_one_transaction_per_database(small_db, monkeypatch):
     ds = lmdbkit.LMDBDataset(small_db)
     calls = []
