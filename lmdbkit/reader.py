@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import pickle
+import time
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -75,6 +76,9 @@ class Reader:
         try:
             h = self._handle()
             meta = store.read_meta(h)
+            if meta is None and not store.looks_legacy(h):
+                meta = self._await_format_record()
+                h = self._handle()
             self.legacy = meta is None
             if meta is None:
                 if not store.looks_legacy(h):
@@ -111,6 +115,27 @@ class Reader:
         self._items = None if self.__dict__.get("legacy") else self._h.db(store.ITEMS)
         self._fetch = self._h.prefetcher
         return self._h
+
+    def _await_format_record(self, timeout: float = 5.0) -> dict | None:
+        """The format record of a database whose writer is still creating it: a Writer makes the environment,
+        then commits the record at once, and a reader can open it in between. None when no writer holds the
+        database (then it is not one of ours); an LmdbkitError when the writer's first commit does not come."""
+        deadline, waited = time.monotonic() + timeout, False
+        while (holder := store.writer_holder(self.path)) is not None:
+            waited = True
+            self._reopen()
+            meta = store.read_meta(self._h)
+            if meta is not None:
+                return meta
+            if time.monotonic() > deadline:
+                raise NotADatabaseError(
+                    f"{self.path} is being created by a writer{holder} whose first commit has not landed after "
+                    f"{timeout:g} s; open it again once the writer has written something")
+            time.sleep(0.01)
+        if not waited:
+            return None
+        self._reopen()  # the writer committed and closed just now
+        return store.read_meta(self._h)
 
     def _reopen(self) -> None:
         if self._h is not None:

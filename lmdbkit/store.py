@@ -462,6 +462,26 @@ class WriterLock:
             os.close(fd)  # in a forked child this drops only the child's copy; the parent keeps its lock
 
 
+def writer_holder(path: str | os.PathLike) -> str | None:
+    """Who holds ``<path>/writer.lock`` (" (pid N on HOST)", or "" when it does not say), or None when no writer
+    does. Probes with a shared flock that it drops at once; creates nothing."""
+    try:
+        fd = os.open(os.path.join(path, WRITER_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(fd)
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> str:
     try:
         text = os.pread(fd, 200, 0).decode(errors="replace").split()

@@ -18,7 +18,8 @@ import pytest
 import lmdbkit
 from lmdbkit import codec, store
 from lmdbkit.errors import (CommitError, CorruptItemError, DatabaseBusyError, DiskFullError, EncodeError,
-                            KeyTooLongError, LmdbkitError, ReadOnlyError, TruncatedDatabaseError)
+                            KeyTooLongError, LmdbkitError, NotADatabaseError, ReadOnlyError,
+                            TruncatedDatabaseError)
 
 from conftest import make_samples
 
@@ -94,6 +95,58 @@ def test_killed_writer_leaves_no_lock_behind(tmp_path):
         assert len(w) == 1
         w.append({"i": 1}, key="b")
     assert len(lmdbkit.Reader(path)) == 2
+
+
+SLOW_FIRST_COMMIT = """
+import sys, time, lmdbkit
+from lmdbkit.writer import Writer
+real = Writer._commit
+def slow(self, **kw):  # the environment exists, its format record is not committed yet
+    if self.count == 0 and not getattr(self, "_slowed", False):
+        self._slowed = True
+        print("ENV MADE", flush=True)
+        time.sleep(float(sys.argv[2]))
+    real(self, **kw)
+Writer._commit = slow
+with lmdbkit.Writer(sys.argv[1]) as w:
+    w.append({"i": 0}, key="a")
+    print("COMMITTED", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_reader_opened_before_a_new_writers_first_commit_waits_for_it(tmp_path):
+    path = tmp_path / "db.lmdb"
+    p = subprocess.Popen([sys.executable, "-c", SLOW_FIRST_COMMIT, str(path), "0.5", "2"], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "ENV MADE"
+        assert (path / store.DATA_FILE).exists()
+        with lmdbkit.Reader(path) as r:  # was NotADatabaseError: "an LMDB environment but not an lmdbkit database"
+            assert r.meta["format"] == store.FORMAT_NAME and r.meta["complete"] is False
+    finally:
+        p.wait(timeout=30)
+    with lmdbkit.Reader(path) as r:
+        assert len(r) == 1
+
+
+def test_reader_names_a_writer_whose_first_commit_never_comes(tmp_path, monkeypatch):
+    path = tmp_path / "db.lmdb"
+    p = subprocess.Popen([sys.executable, "-c", SLOW_FIRST_COMMIT, str(path), "60", "0"], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "ENV MADE"
+        real = lmdbkit.Reader._await_format_record
+        monkeypatch.setattr(lmdbkit.Reader, "_await_format_record", lambda self: real(self, timeout=0.3))
+        with pytest.raises(NotADatabaseError, match=rf"is being created by a writer \(pid {p.pid} on .*\) whose "
+                                                    r"first commit has not landed after 0.3 s"):
+            lmdbkit.Reader(path)
+    finally:
+        p.kill()
+        p.wait()
+    # a bare LMDB environment that no writer holds is still not ours, said at once
+    with pytest.raises(NotADatabaseError, match="not an lmdbkit database"):
+        lmdbkit.Reader(path)
 
 
 def test_forked_child_cannot_write_through_inherited_writer(tmp_path):
