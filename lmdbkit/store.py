@@ -251,6 +251,8 @@ def open_count() -> int:
 def check_exists(path: str | os.PathLike) -> Path:
     """The path as a Path, or a clear error if it is missing or holds no LMDB environment. Creates nothing."""
     p = Path(path)
+    if os.path.isfile(os.path.join(p, DATA_FILE)):  # the usual case, in one stat
+        return p
     if not p.exists():
         raise DatabaseNotFoundError(f"{p}: no such database (looked for {where(p)}). Check the path, or write "
                                     "one first with lmdbkit.Writer or notebooks/precompute.ipynb")
@@ -320,16 +322,18 @@ def check_data_file(path: str | os.PathLike) -> None:
     """
     f = os.path.join(path, DATA_FILE)
     try:
-        with open(f, "rb") as fh:
-            head = fh.read(2 * 65536)
+        with open(f, "rb", buffering=0) as fh:
+            head = fh.read(2 * 4096)  # both meta pages at the usual page size; more for larger pages
             size = os.fstat(fh.fileno()).st_size
+            psize = _meta_page_size(head)
+            if psize and psize > 4096:
+                head += fh.read(2 * psize - len(head))
     except FileNotFoundError:
         return  # a new database: LMDB creates it
     except OSError as exc:
         raise open_error(path, exc, writable=False, locked=False) from exc
     if size == 0:
         return  # created but never committed (LMDB writes its meta pages on open)
-    psize = _meta_page_size(head)
     metas = [m for off in (0, psize) if (m := _read_meta_page(head, off)) is not None] if psize else []
     if not metas:
         raise TruncatedDatabaseError(
