@@ -374,11 +374,13 @@ def _batched_stft(segs: list[np.ndarray], cfg: StftConfig, dev: torch.device) ->
         x = torch.from_numpy(np.stack([segs[i] for i in idx]))
         if dev.type == "cuda":
             x = x.pin_memory()
-        spec = compute(x, cfg, dev).cpu()
+        # made contiguous once for the batch (on the device): each item is then a contiguous view the encoder
+        # copies straight into the database (a strided item cost a clone and then a second copy to encode)
+        spec = compute(x, cfg, dev).contiguous().cpu()
         if shape[0] == 1:
             spec = spec[:, 0]  # one channel: items are [freqs, frames]
         for j, i in enumerate(idx):
-            out[i] = spec[j].clone() if len(idx) > 1 else spec[j]
+            out[i] = spec[j]
     return out
 
 

@@ -22,7 +22,7 @@ import lmdb
 import msgpack
 import numpy as np
 
-from . import codec, store
+from . import codec, heap, store
 from .errors import (CommitError, ConfigMismatchError, DatabaseBusyError, DatabaseExistsError, DiskFullError,
                      DuplicateKeyError, KeyTooLongError, LmdbkitError, MapSizeLimitError, NotADatabaseError,
                      ReadOnlyError, SchemaError, UnsafeFormatError)
@@ -219,6 +219,7 @@ class Writer:
         self.durable = durable
         self._pid = os.getpid()
 
+        heap.keep_freed_memory()  # each commit's items reuse the last one's memory instead of faulting in new pages
         created = self._prepare(mode)  # takes the writer lock
         try:
             self._h = store.acquire(self.path, writable=True, map_size=map_size, max_readers=max_readers,

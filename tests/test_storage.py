@@ -2,6 +2,7 @@ import json
 import logging
 import os
 import pickle
+import platform
 import signal
 import subprocess
 import sys
@@ -480,3 +481,28 @@ def test_older_storage_class_calls_run_as_written(small_db):
     both.close()
     dataset = lmdbkit.LMDBDataset(small_db)
     dataset.close()
+
+
+WRITE_FAULTS = """
+import resource, sys, numpy as np, lmdbkit
+item = {"x": np.ones(64 * 1024, np.float32)}  # 256 KiB: 64 pages
+with lmdbkit.Writer(sys.argv[1], commit_items=50, durable=False) as w:
+    for i in range(100):  # two commits: memory is now the heap's
+        w.append(item)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for i in range(100):
+        w.append(item)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's")
+def test_writing_reuses_the_last_commits_memory_instead_of_faulting_new_pages(tmp_path):
+    # each item is encoded into a new buffer and LMDB copies it into new pages, all freed at the commit; a writer
+    # keeps that memory for the next commit (lmdbkit.heap): 100 items of 64 pages would fault ~12,800 pages fresh
+    run = lambda env: int(subprocess.run([sys.executable, "-c", WRITE_FAULTS, str(tmp_path / env["N"])], env=env,
+                                         capture_output=True, text=True, check=True).stdout)
+    tuned = run(dict(os.environ, N="a.lmdb"))
+    untuned = run(dict(os.environ, N="b.lmdb", LMDBKIT_KEEP_HEAP="0"))
+    assert untuned > 100 * 64, untuned  # what this test guards against is real on this machine
+    assert tuned < untuned / 4, (tuned, untuned)
