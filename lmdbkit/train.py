@@ -157,8 +157,8 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
                 break
             if eval_every and step % eval_every == 0:
                 t_eval = time.perf_counter()
-                val_curve.append(_val_point(step, *_evaluate(_unwrap(model, world), val_loader, tf_val, n_classes,
-                                                             dev, world)))
+                correct, total, _, val_loss = _evaluate(_unwrap(model, world), val_loader, tf_val, n_classes, dev, world)
+                val_curve.append(_val_point(step, correct, total, val_loss))
                 t0 += time.perf_counter() - t_eval  # evaluating is not training time
             t_wait = time.perf_counter()
         epoch += 1
@@ -170,7 +170,7 @@ def train(train_db, val_db, *, steps: int = 300, max_seconds: float | None = Non
             dist.broadcast(b, 0)
     # evaluate the unwrapped model: DDP's forward is a collective, and val shards may differ in batches
     correct, total, per_class, val_loss = _evaluate(raw, val_loader, tf_val, n_classes, dev, world)
-    val_curve.append(_val_point(step, correct, total, per_class, val_loss))
+    val_curve.append(_val_point(step, correct, total, val_loss))
     val_counts = per_class.sum(dim=1)
     result = {
         "rank": rank, "world_size": world, "device": str(dev), "num_workers": num_workers, "batch_size": batch_size,
@@ -204,7 +204,7 @@ def _unwrap(model, world: int):
     return model.module if world > 1 else model
 
 
-def _val_point(step: int, correct: int, total: int, _confusion, loss: float) -> dict:
+def _val_point(step: int, correct: int, total: int, loss: float) -> dict:
     return {"step": step, "loss": loss, "accuracy": correct / max(total, 1)}
 
 

@@ -187,7 +187,8 @@ class Browser(w.VBox):
         with self._quietly():  # the index and key boxes always name the item on screen
             self.number.value = i
             self.key.value = str(key) if key is not None else ""
-        peak = "" if self.canvas.peak_db is None else f" · peak {self.canvas.peak_db:.1f} dB (power re 1)"
+        peak = "" if self.canvas.peak_db is None else \
+            f" · peak {plot.db_unit(self.canvas.cfg)}: {self.canvas.peak_db:.1f}"  # the colour bar's words
         self.caption.value = f"<span class='lmdbkit-caption'>{html.escape(title)}</span>{peak}"
         self.status.value = (f"<b>item {i}</b> of {len(self.reader)} in <b>{html.escape(self.split.value)}</b>"
                              f" (position {pos + 1} of {len(self.view)}) · key <code>{html.escape(str(key))}</code>")

@@ -33,6 +33,8 @@ def test_slider_shows_that_item(browser, demo_data):
     cfg = plot.stft_config(r)
     db = lmdbkit.stft.to_db(expected["stft"], cfg)
     assert np.allclose(_image(browser.figure), db - db.max())  # dB below the item's peak: one fixed colour bar
+    # the caption names the peak in the colour bar's own words ("power (dB re 1)"), with its value
+    assert browser.caption.value.endswith(f" · peak {plot.db_unit(cfg)}: {db.max():.1f}")
     ax = browser.figure.axes[0]
     assert ax.get_xlabel() == "time (s)" and ax.get_ylabel() == "frequency (Hz)"
     assert ax.get_images()[0].get_extent()[3] == pytest.approx(cfg.sample_rate / 2)
