@@ -543,11 +543,25 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def shown(t: dict) -> str:
+    """A target's measured value in three significant digits, or more where three would print the threshold
+    itself (1.996 missing ">= 2" is shown as 1.996, not 2)."""
+    v = t["value"]
+    if v is None:
+        return "-"
+    thr = float(t["threshold"].split()[-1])
+    for digits in (3, 4, 5, 6):
+        text = f"{v:.{digits}g}"
+        if float(text) != thr or v == thr:
+            return text
+    return text
+
+
 def targets_table(tg: list[dict]) -> str:
     rows = []
     for t in tg:
         mark = {True: "holds", False: "MISSED", None: "not measured"}[t["holds"]]
-        val = "-" if t["value"] is None else f"{t['value']:.3g}"
+        val = shown(t)
         rows.append(f"{mark:<13}{val:>9} {t['threshold']:<8} {t['target']}")
     return "\n".join(rows)
 
@@ -556,7 +570,7 @@ def report(summary: dict):
     """The targets as a table (target, measured ratio, what it needs, holds or missed): the benchmark's report."""
     from .verdict import Table
     mark = {True: "holds", False: "**missed**", None: "not measured"}
-    rows = [[t["target"], "-" if t["value"] is None else f"{t['value']:.3g}", t["threshold"], mark[t["holds"]]]
+    rows = [[t["target"], shown(t), t["threshold"], mark[t["holds"]]]
             for t in summary["targets"]]
     return Table(["target", "measured", "needs", ""], rows, title="Targets: ratios measured in this run")
 
@@ -579,7 +593,7 @@ def verdict(summary: dict, *, require_targets: bool = False):
     cold = r.get("cold_single/stft256k: lmdbkit / pread_1thread")
     if cold:
         facts.append(("cold single reads", f"{cold:.2f}x what the disk gives (pread of the same bytes)"))
-    problems = [f"{t['target']} (measured {t['value']:.3g})" for t in missed]
+    problems = [f"{t['target']} (measured {shown(t)})" for t in missed]
     return Verdict("benchmark", facts, problems, strict=require_targets, missed=f"{len(missed)} TARGETS MISSED")
 
 

@@ -93,3 +93,11 @@ def test_baselines_read_the_same_items(tmp_path):
     assert bench.drop_page_cache(paths["lmdbkit"]) is True
     with pytest.raises(ValueError, match="item kind 'huge' is unsupported"):
         bench.make_samples("huge", 1)
+
+
+def test_a_missed_target_never_shows_its_threshold_as_the_measured_value():
+    t = {"target": "x", "value": 1.9964, "threshold": ">= 2.0", "holds": False}
+    assert bench.shown(t) == "1.996"
+    assert bench.shown(dict(t, value=0.6981)) == "0.698" and bench.shown(dict(t, value=None)) == "-"
+    assert bench.shown(dict(t, value=2.0, holds=True)) == "2"
+    assert "(measured 1.996)" in str(bench.verdict({"targets": [t], "ratios": {}}).problems)
