@@ -1,6 +1,7 @@
 """The peer comparison runs with whichever peers are installed (h5py is, in the dev extra); no timings asserted."""
 
-import numpy as np
+import json
+
 import pytest
 
 from lmdbkit import bench, bench_peers, plot
@@ -89,3 +90,18 @@ def test_the_table_marks_the_best_of_each_column_and_the_figure_draws():
     fig = plot.bench_peers(summary)
     assert len(fig.axes) == 10
     assert plot.bench_peers({"results": []}) is None
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_the_peer_table_and_keeps_it_in_the_summary(tmp_path, capsys):
+    pytest.importorskip("h5py")
+    with pytest.raises(ValueError, match="unknown"):
+        bench.main(["--output-dir", str(tmp_path), "--n-stft", "0", "--n-small", "40", "--workers", "", "--no-cold",
+                    "--no-kinds", "--no-pt", "--peers", "h5py,nope"])
+    assert bench.main(["--output-dir", str(tmp_path), "--n-stft", "0", "--n-small", "40", "--workers", "",
+                       "--no-cold", "--no-kinds", "--no-pt", "--peers", "h5py"]) == 0
+    out = capsys.readouterr().out
+    assert "lmdbkit and the peers, ~1 KiB items" in out and "h5py (one dataset per field)" in out
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["peers"]["ran"] == ["h5py"] and s["peers"]["kinds"] == ["small1k"]
+    assert (tmp_path / "bench_peers.png").exists()
