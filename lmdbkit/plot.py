@@ -190,7 +190,8 @@ def bench_dataloader(summary: dict):
 def bench_peers(summary: dict):
     """lmdbkit beside each peer that ran, a row of panels per item size (writes synced at the end, disk, open,
     warm random reads, DataLoader epoch), lmdbkit's bars in blue; None when the peers did not run."""
-    from .bench_peers import COLUMNS, LMDBKIT, PEERS
+    from .bench_peers import COLUMNS, LMDBKIT
+    from .peers import PEERS
     res = [r for r in summary["results"] if r["measure"].startswith("peers_") and r["measure"] != "peers_write"]
     if not res:
         return None

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lmdbkit import bench, bench_peers, plot
+from lmdbkit import bench, bench_peers, peers, plot
 from lmdbkit.bench import Result
 
 
@@ -27,16 +27,16 @@ def test_lmdbkit_and_h5py_are_compared_on_the_same_items(tmp_path):
 
 def test_a_peer_that_reads_back_other_items_fails_the_run(tmp_path, monkeypatch):
     pytest.importorskip("h5py")
-    real = bench_peers._H5Items.__getitem__
-    monkeypatch.setattr(bench_peers._H5Items, "__getitem__", lambda self, i: real(self, (i + 1) % len(self)))
+    real = peers._H5Items.__getitem__
+    monkeypatch.setattr(peers._H5Items, "__getitem__", lambda self, i: real(self, (i + 1) % len(self)))
     with pytest.raises(AssertionError, match="h5py read back another item 7"):
         bench_peers.bench_peers("small1k", 20, tmp_path, peers=["h5py"], reads=5, min_seconds=0.0, rounds=1,
                                 num_workers=None)
 
 
 def test_missing_peers_are_named_with_the_reason_and_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_peers.Litdata, "module", "no_such_module_here")
-    assert "No module named 'no_such_module_here'" in bench_peers.available()["litdata"]
+    monkeypatch.setattr(peers.Litdata, "module", "no_such_module_here")
+    assert "No module named 'no_such_module_here'" in peers.available()["litdata"]
     res = bench_peers.bench_peers("small1k", 20, tmp_path, peers=["litdata"], reads=5, min_seconds=0.0, rounds=1,
                                   num_workers=None)
     assert {r.method for r in res} == {"lmdbkit"}
