@@ -16,6 +16,7 @@ views, so every system stores and returns the same bytes. The peers are an optio
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.machinery
 import shutil
@@ -71,7 +72,8 @@ class Peer:
 
 class _Lazy:
     """A map-style dataset that opens its reader in the process that reads (h5py and HDF5 handles do not
-    survive a fork), the way their docs advise for DataLoader workers."""
+    survive a fork), the way their docs advise for DataLoader workers. ``opener`` pickles (a partial of a
+    class), so spawned workers work too."""
 
     def __init__(self, opener, n: int):
         self.opener, self.n, self.r = opener, n, None
@@ -255,7 +257,7 @@ class H5py(Peer):
         import h5py
         with h5py.File(path / "data.h5", "r") as f:
             n = len(f[field])
-        return _Lazy(lambda: _H5Items(path / "data.h5", field), n)
+        return _Lazy(functools.partial(_H5Items, path / "data.h5", field), n)
 
 
 class _H5Items:
@@ -316,7 +318,7 @@ class Lhotse(Peer):
         return _LhotseItems(path, field)
 
     def dataset(self, path, field, dtype):
-        return _Lazy(lambda: _LhotseItems(path, field), len(np.load(path / "manifest.npy")))
+        return _Lazy(functools.partial(_LhotseItems, path, field), len(np.load(path / "manifest.npy")))
 
 
 class _LhotseItems:

@@ -105,3 +105,14 @@ def test_the_command_line_prints_the_peer_table_and_keeps_it_in_the_summary(tmp_
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["peers"]["ran"] == ["h5py"] and s["peers"]["kinds"] == ["small1k"]
     assert (tmp_path / "bench_peers.png").exists()
+
+
+def test_hdf5_datasets_open_in_the_reading_process_and_pickle_for_spawned_workers(tmp_path):
+    pytest.importorskip("h5py")
+    import pickle
+    import numpy as np
+    samples = [{"x": np.full(4, i, np.float32), "label": i} for i in range(5)]
+    peers.H5py().write(tmp_path / "h", samples, "x")
+    ds = peers.H5py().dataset(tmp_path / "h", "x", np.dtype(np.float32))
+    clone = pickle.loads(pickle.dumps(ds))  # what spawn does; the open file stays behind
+    assert clone.r is None and len(clone) == 5 and clone[3]["label"] == 3 and np.array_equal(clone[3]["x"], [3] * 4)
