@@ -520,8 +520,8 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
     if peers:
         summary["peers"] = bench_peers.summary(results, peer_names)
     if plots:
-        from . import plot
-        summary["figures"] = plot.save_bench_figures(summary, out)
+        from . import plot_bench
+        summary["figures"] = plot_bench.save_bench_figures(summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

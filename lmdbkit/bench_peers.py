@@ -240,7 +240,7 @@ def targets(results: list[Result]) -> list[dict]:
 
 def table(results: list[Result], kind: str):
     """A verdict.Table of one item kind: a row per system, a column per measure, the best of each column in bold."""
-    from .plot import KIND_LABELS
+    from .plot_bench import KIND_LABELS
     from .verdict import Table
     systems = list(dict.fromkeys(r.method for r in results if r.kind == kind and r.measure.startswith("peers_")))
     v = {(r.measure, r.method): r.value for r in results if r.kind == kind}

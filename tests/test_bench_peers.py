@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lmdbkit import bench, bench_peers, peers, plot
+from lmdbkit import bench, bench_peers, peers, plot_bench
 from lmdbkit.bench import Result
 
 
@@ -87,9 +87,9 @@ def test_the_table_marks_the_best_of_each_column_and_the_figure_draws():
     assert rows[1][header.index("disk x payload")] == "**1**"
     summary = {"results": [vars(r) for r in res], "peers": {"kinds": ["stft256k", "small1k"], "not_installed": {}}}
     assert "h5py (one dataset per field)" in bench_peers.text_tables(summary)
-    fig = plot.bench_peers(summary)
+    fig = plot_bench.bench_peers(summary)
     assert len(fig.axes) == 10
-    assert plot.bench_peers({"results": []}) is None
+    assert plot_bench.bench_peers({"results": []}) is None
 
 
 @pytest.mark.slow

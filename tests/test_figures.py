@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import lmdbkit
-from lmdbkit import plot, store
+from lmdbkit import plot, plot_bench, store
 from lmdbkit.verdict import Table, Verdict
 
 
@@ -67,7 +67,7 @@ def test_confusion_is_normalised_per_true_class_with_accuracy_in_title():
 def test_bench_plots_have_plain_labels_and_integer_worker_ticks():
     res = [{"measure": "dataloader", "kind": "small1k", "method": m, "value": v, "unit": "items/s",
             "extra": {"num_workers": w}} for m in ("lmdbkit", "lmdbkit_plain", "pickle_lmdb") for w, v in ((0, 1), (2, 3))]
-    ax = plot.bench_dataloader({"results": res}).axes[0]
+    ax = plot_bench.bench_dataloader({"results": res}).axes[0]
     assert list(ax.get_xticks()) == [0, 2] and ax.get_xlabel() == "DataLoader worker processes"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "lmdbkit, create_data_loader", "lmdbkit, plain DataLoader", "pickle in LMDB (older way)"]
