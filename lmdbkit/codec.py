@@ -412,16 +412,14 @@ def _check_array_slowly(field, kind, dcode, ccode, off, n, shape, payload: int) 
     return field, kind, name, ccode, off, n, tuple(shape), nbytes
 
 
-def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
-           out: dict[str, np.ndarray] | None = None, parsed: tuple | None = None,
+def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False, parsed: tuple | None = None,
            complex32: str = "complex64") -> tuple[str | None, dict]:
     """Decode one item into (key, sample). ``buf`` may be bytes or a memoryview into a memory map.
 
     decode_to: "auto" gives back the kind that was written (torch tensor or numpy array; numpy when torch
     cannot be imported), "numpy" gives numpy arrays, "torch" gives torch tensors (numpy scalars stay scalars).
     verify: check the checksum first (compressed arrays are always checked before they are inflated).
-    out: destinations for top-level array fields (C-contiguous numpy arrays): those arrays are copied there
-    (still one copy) and the field holds the destination. Batches of one layout: see ``decode_layout``.
+    Batches of one layout, copied into batch tensors: see ``decode_layout``.
     parsed: what ``parse(buf)`` returned for this buffer, if the caller already has it (it is consumed).
     complex32: complex32 arrays come back as "complex64" or as their float16 "pairs" (see COMPLEX32).
     """
@@ -437,7 +435,7 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False,
     try:
         for name, kind, dname, ccode, off, n, shape, nbytes in arrays:
             fields[name] = _array(buf, start, stored, verify, kind, dname, ccode, off, n, shape, nbytes, decode_to,
-                                  torch, None if out is None else out.get(name), complex32)
+                                  torch, complex32)
         for name, value in fields.items():
             t = type(value)
             if t is list or t is dict or t is msgpack.ExtType:
@@ -483,7 +481,7 @@ def _ext_array(ext, ctx: _Ctx):
         raise _corrupt(f"array descriptor of {len(data)} bytes does not fit ndim={ndim}")
     shape = list(_SHAPES[ndim].unpack_from(data, _ARRAY.size))
     _, *checked = check_array("", kind, dcode, ccode, off, n, shape, len(ctx.buf) - ctx.start)
-    return _array(ctx.buf, ctx.start, ctx.stored, True, *checked, ctx.decode_to, ctx.torch, None, ctx.complex32)
+    return _array(ctx.buf, ctx.start, ctx.stored, True, *checked, ctx.decode_to, ctx.torch, ctx.complex32)
 
 
 def decoded_dtype(name: str, shape: tuple, complex32: str = "complex64") -> tuple[str, tuple]:
@@ -493,7 +491,7 @@ def decoded_dtype(name: str, shape: tuple, complex32: str = "complex64") -> tupl
     return ("complex64", shape) if complex32 == "complex64" else ("float16", (*shape, 2))
 
 
-def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbytes, decode_to, torch, dest=None,
+def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbytes, decode_to, torch,
            complex32="complex64"):
     """One array from the payload (its descriptor already checked by check_array): exactly one copy out of ``buf``."""
     dt = _STORAGE[name]
@@ -509,14 +507,7 @@ def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbyte
         if len(raw) != nbytes:
             raise _corrupt(f"array of shape {shape} {name} needs {nbytes} bytes, found {len(raw)}")
     if name == "complex32":
-        return _complex32(raw, shape, kind, decode_to, torch, dest, complex32)
-    if dest is not None:
-        if dest.shape != shape or dest.dtype.itemsize != dt.itemsize or not dest.flags.c_contiguous:
-            raise LmdbkitError(f"decode destination of shape {dest.shape} {dest.dtype} does not fit the stored "
-                               f"{name} array of shape {shape}")
-        if nbytes:
-            np.copyto(dest.view(dt), np.ndarray(shape, dt, raw))  # the one copy, into the caller's buffer
-        return dest
+        return _complex32(raw, shape, kind, decode_to, torch, None, complex32)
     arr = np.ndarray(shape, dt, raw).copy() if nbytes else np.empty(shape, dt)  # the one copy
     return _finish(arr, name, kind, decode_to, torch)
 
@@ -644,7 +635,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
         for base, off, n in written:
             _pwrite_all(file[0], buf[start + off:start + off + n], base + b * n)  # the one copy, by the kernel
         for d in wide:
-            _complex32(buf[start + d[4]:start + d[4] + d[5]], d[6], d[1], "numpy", None, dests[d[0]][b], complex32)
+            _complex32(buf[start + d[4]:start + d[4] + d[5]], d[6], d[1], "numpy", None, dests[d[0]][b, ...], complex32)
         meta = {k: fields[k] for k in meta_keys}
         for k, v in meta.items():
             if type(v) in nested:  # metadata lists and dicts, and arrays nested in them

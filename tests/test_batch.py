@@ -201,3 +201,15 @@ def test_full_shared_memory_is_an_error_not_a_crash(tmp_path, monkeypatch):
         f.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_batch_of_zero_dimensional_complex32_items_reads_their_values(tmp_path):
+    # a 0-d row of a [n] batch array is a view only as a[b, ...]; a[b] was a copy, and the values were lost
+    path = tmp_path / "z.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for i in range(4):
+            w.append({"z": torch.tensor(complex(i, -i)).to(torch.complex32), "i": i})
+    ds = lmdbkit.LMDBDataset(path)
+    got = default_collate(ds.__getitems__([3, 1, 2]))
+    assert torch.equal(got["z"], torch.tensor([3 - 3j, 1 - 1j, 2 - 2j], dtype=torch.complex64))
+    ds.close()
