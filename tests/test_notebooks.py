@@ -110,7 +110,8 @@ def test_benchmark_notebook(ci_run):
     s = json.loads((out / "summary.json").read_text())
     assert s["database"]["items"] > 0 and s["targets"] and s["ratios"]
     assert {p.split("/")[-1] for p in s["figures"]} == {"bench_reads.png", "bench_open.png", "bench_dataloader.png",
-                                                         "bench_cold.png", "bench_kinds.png"}
+                                                         "bench_cold.png", "bench_kinds.png", "bench_peers.png"}
+    assert s["peers"]["ran"] == ["h5py"]  # the CI profile runs the peers' section with the dev extra's one peer
     verdict = _verdict(base / "benchmark.ipynb", "benchmark")
     missed = sum(t["holds"] is False for t in s["targets"])
     assert verdict.splitlines()[0] == ("benchmark: PASSED" if not missed else f"benchmark: {missed} TARGETS MISSED")
@@ -119,6 +120,9 @@ def test_benchmark_notebook(ci_run):
     assert any("text/markdown" in o.get("data", {}) and "| target |" in o["data"]["text/markdown"]
                for c in executed.cells for o in c.get("outputs", []))
     assert not any("read_random" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    peer_tables = [o["data"]["text/markdown"] for c in executed.cells for o in c.get("outputs", [])
+                   if "lmdbkit and the peers" in o.get("data", {}).get("text/markdown", "")]
+    assert len(peer_tables) == 2 and all("| h5py (one dataset per field) |" in t for t in peer_tables)
 
 
 def test_inspect_notebook(ci_run):
