@@ -200,6 +200,20 @@ def time_reads(get: Callable[[int], object], order: list[int], *, min_seconds: f
             return done / dt
 
 
+def take_turns(rounds: int, tasks: dict[str, Callable[[], dict]], step: Callable[[str], object] = lambda _: None
+               ) -> dict:
+    """Run every task once a round, the tasks taking turns, and keep each figure's best (largest) value. A task
+    returns {key: figure}. Background load on a shared machine then hits every method alike instead of
+    whichever happened to run during it. ``step(name)`` is called before each task (for progress)."""
+    best: dict = {}
+    for _ in range(rounds):
+        for name, task in tasks.items():
+            step(name)
+            for key, value in task().items():
+                best[key] = max(best.get(key, 0.0), value)
+    return best
+
+
 def warm_page_cache(path: Path) -> None:
     """Read every file of a database once so that the reads below hit the page cache."""
     for p in ([path] if Path(path).is_file() else sorted(Path(path).rglob("*"))):
@@ -408,15 +422,15 @@ def bench_kind(kind: str, n: int, workdir: Path, *, reads: int = 2000, min_secon
     for p in paths.values():
         if p.exists():
             warm_page_cache(p)
-    # methods take turns, round after round, and each keeps its best round: background load on a shared
-    # machine then hits every method alike instead of whichever happened to run during it
-    best: dict[tuple[str, str], float] = {}
-    for _ in range(rounds):
-        for name, r in readers.items():
+    def reads_of(name, r):
+        def task():
+            out = {}
             for order_name, order in (("random", random_order), ("sequential", seq_order)):
                 o = order[: max(64, len(order) // 8)] if name == "pt_batches" else order
-                ips = time_reads(r.__getitem__, o, min_seconds=min_seconds)
-                best[name, order_name] = max(ips, best.get((name, order_name), 0.0))
+                out[name, order_name] = time_reads(r.__getitem__, o, min_seconds=min_seconds)
+            return out
+        return task
+    best = take_turns(rounds, {name: reads_of(name, r) for name, r in readers.items()})
     for (name, order_name), ips in best.items():
         res.append(Result(f"read_{order_name}", kind, name, ips, "items/s", {"rounds": rounds}))
     for r in readers.values():

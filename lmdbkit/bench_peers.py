@@ -9,6 +9,7 @@ not installed are listed and skipped.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .bench import Result, make_samples, time_reads, warm_page_cache
+from .bench import Result, make_samples, take_turns, time_reads, warm_page_cache
 from .peers import PEERS, Lmdbkit, Peer
 
 
@@ -60,17 +61,17 @@ def bench_peers(kind: str, n: int, workdir: Path, *, peers=None, reads: int = 20
                 batch_size: int = 64, progress=None) -> list[Result]:
     """Write, open, read and load n items of one kind (bench.ITEM_KINDS) with lmdbkit and each available peer.
 
-    Returns Results (measures prefixed ``peers_``) with method = system name: ``write`` (as shipped), ``write_synced`` (all files synced once
-    at the end; lmdbkit with durable=False, whose close syncs), ``disk`` (x payload), ``open`` (ms, best of 5),
-    ``read_random`` (items/s, best of ``rounds``, systems taking turns; writes and loaders take turns as well,
-    over ``write_rounds`` and ``loader_rounds``) and ``dataloader`` (items/s; lmdbkit's
-    plain loader as ``lmdbkit_plain``, ``create_data_loader`` as ``lmdbkit``; num_workers=None skips it). Every
+    Returns Results (measures prefixed ``peers_``) with method = system name: ``write`` (as shipped),
+    ``write_synced`` (all files synced once at the end; lmdbkit with durable=False, whose close syncs), ``disk``
+    (x payload), ``open`` (ms, best of 5), ``read_random`` (items/s) and ``dataloader`` (items/s; lmdbkit's
+    plain loader as ``lmdbkit_plain``, ``create_data_loader`` as ``lmdbkit``; num_workers=None skips it).
+    Systems take turns over ``write_rounds``, ``rounds`` and ``loader_rounds`` and keep their best. Every
     system must read back what was written (item count and one item compared), else AssertionError."""
     from .bench import ITEM_KINDS
     spec = ITEM_KINDS[kind]
     field, dtype = spec["field"], np.dtype(spec["dtype"])
-    names = ["lmdbkit", *(p for p in (peers or PEERS) if PEERS[p].available() is None)]
-    systems: dict[str, Peer] = {"lmdbkit": Lmdbkit(), **{p: PEERS[p] for p in names[1:]}}
+    systems: dict[str, Peer] = {"lmdbkit": Lmdbkit(),
+                                **{p: PEERS[p] for p in (peers or PEERS) if PEERS[p].available() is None}}
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     samples = make_samples(kind, n, as_torch=False)
@@ -82,89 +83,102 @@ def bench_peers(kind: str, n: int, workdir: Path, *, peers=None, reads: int = 20
             progress.set_postfix_str(f"peers, {kind}: {what}")
 
     paths = {name: workdir / f"{kind}-{name}" for name in systems}
+    try:
+        res += _writes(kind, systems, paths, samples, field, write_rounds, step)
+        for name in systems:
+            used = store.disk_usage(paths[name])
+            res.append(Result("peers_disk", kind, name, used / payload, "x payload", {"bytes": used, "payload": payload}))
+        res += _reads(kind, systems, paths, samples, field, dtype, reads, min_seconds, rounds, step)
+        if num_workers is not None:
+            res += _loaders(kind, systems, paths, field, dtype, batch_size, num_workers, loader_rounds, step)
+    finally:
+        for p in paths.values():
+            shutil.rmtree(p, ignore_errors=True)
+    return res
 
-    def timed_write(name, **kw) -> float:
-        p = paths[name]
-        shutil.rmtree(p, ignore_errors=True)
-        # every timed write starts with nothing dirty in the page cache: no system pays for the writeback of
-        # what ran before it
+
+def _writes(kind, systems, paths, samples, field, rounds, step) -> list[Result]:
+    """Each system's writes as shipped and synced once at the end, every one after ``os.sync()`` so that no
+    system pays for the writeback of the one before; systems take turns over rounds."""
+    n = len(samples)
+
+    def timed(name, **kw) -> float:
+        shutil.rmtree(paths[name], ignore_errors=True)
         os.sync()
         t0 = time.perf_counter()
-        systems[name].write(p, samples, field, **kw)
+        systems[name].write(paths[name], samples, field, **kw)
         return time.perf_counter() - t0
 
-    best_writes: dict[tuple[str, str], float] = {}  # systems take turns, each keeps its best round
+    def task(name):
+        if name == "lmdbkit":  # its default fsyncs every commit; durable=False syncs once, at close
+            return lambda: {("peers_write", name): n / timed(name, durable=True),
+                            ("peers_write_synced", name): n / timed(name, durable=False)}
 
-    def keep(measure, name, seconds):
-        best_writes[measure, name] = max(best_writes.get((measure, name), 0.0), n / seconds)
-    for _ in range(write_rounds):
-        for name in systems:
-            step(f"write {name}")
-            if name == "lmdbkit":
-                keep("peers_write", name, timed_write(name, durable=True))
-                keep("peers_write_synced", name, timed_write(name, durable=False))  # its close syncs once
-            else:
-                wrote = timed_write(name)
-                keep("peers_write", name, wrote)
-                keep("peers_write_synced", name, wrote + fsync_tree(paths[name]))
-    for (measure, name), ips in best_writes.items():
-        fsync = {"peers_write_synced": "once, at the end", "peers_write": "per commit" if name == "lmdbkit" else "none"}
-        res.append(Result(measure, kind, name, ips, "items/s", {"fsync": fsync[measure], "rounds": write_rounds}))
-    for name in systems:
-        used = store.disk_usage(paths[name])
-        res.append(Result("peers_disk", kind, name, used / payload, "x payload", {"bytes": used, "payload": payload}))
+        def peer():
+            wrote = timed(name)
+            return {("peers_write", name): n / wrote, ("peers_write_synced", name): n / (wrote + fsync_tree(paths[name]))}
+        return peer
+    best = take_turns(rounds, {name: task(name) for name in systems}, lambda name: step(f"write {name}"))
+    fsync = {"peers_write_synced": lambda name: "once, at the end",
+             "peers_write": lambda name: "per commit" if name == "lmdbkit" else "none"}
+    return [Result(measure, kind, name, ips, "items/s", {"fsync": fsync[measure](name), "rounds": rounds})
+            for (measure, name), ips in best.items()]
 
-    rng = np.random.default_rng(1)
-    order = rng.integers(0, n, reads).tolist()
-    readers = {}
-    for name, sysm in systems.items():
+
+def _reads(kind, systems, paths, samples, field, dtype, reads, min_seconds, rounds, step) -> list[Result]:
+    """Open + len (best of 5, each reader closed before the next) and warm random reads of every system, after
+    checking that it holds the items that were written."""
+    n, res, readers = len(samples), [], {}
+    for name, system in systems.items():
         step(f"open {name}")
         warm_page_cache(paths[name])
-        best = float("inf")
+        times = []
         for _ in range(5):
+            _close(readers.pop(name, None))  # the last attempt's reader
             t0 = time.perf_counter()
-            r = sysm.reader(paths[name], field, dtype)
-            if len(r) != n:
-                raise AssertionError(f"{name} holds {len(r)} items, {n} were written")
-            best = min(best, time.perf_counter() - t0)
-            if _ != 4:
-                _close(r)
-        res.append(Result("peers_open", kind, name, best * 1e3, "ms"))
-        got = r[7]
-        if not np.array_equal(np.asarray(got[field]), samples[7][field]) or int(got["label"]) != samples[7]["label"]:
+            r = readers[name] = system.reader(paths[name], field, dtype)
+            got = len(r)
+            times.append(time.perf_counter() - t0)
+            if got != n:
+                raise AssertionError(f"{name} holds {got} items, {n} were written")
+        res.append(Result("peers_open", kind, name, min(times) * 1e3, "ms"))
+        item = r[7]
+        if not np.array_equal(np.asarray(item[field]), samples[7][field]) or int(item["label"]) != samples[7]["label"]:
             raise AssertionError(f"{name} read back another item 7 than was written")
-        readers[name] = r
-    best_reads: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, r in readers.items():
-            step(f"random reads {name}")
-            best_reads[name] = max(best_reads.get(name, 0.0), time_reads(r.__getitem__, order, min_seconds=min_seconds))
-    for name, ips in best_reads.items():
-        res.append(Result("peers_read_random", kind, name, ips, "items/s", {"rounds": rounds}))
-    for r in readers.values():
-        _close(r)
+    order = np.random.default_rng(1).integers(0, n, reads).tolist()
+    try:
+        best = take_turns(rounds, {name: (lambda r=r, name=name: {name: time_reads(r.__getitem__, order,
+                                                                                    min_seconds=min_seconds)})
+                                   for name, r in readers.items()}, lambda name: step(f"random reads {name}"))
+    finally:
+        for r in readers.values():
+            _close(r)
+    return res + [Result("peers_read_random", kind, name, ips, "items/s", {"rounds": rounds})
+                  for name, ips in best.items()]
 
-    if num_workers is not None:
-        loaders = {name: (lambda s=sysm, name=name: s.loader(paths[name], field, dtype, batch_size=batch_size,
-                                                              num_workers=num_workers))
-                   for name, sysm in systems.items()}
-        loaders["lmdbkit_plain"] = loaders.pop("lmdbkit")
-        loaders = {"lmdbkit": lambda: systems["lmdbkit"].prebatched(paths["lmdbkit"], batch_size=batch_size,
-                                                                     num_workers=num_workers), **loaders}
-        best_epochs: dict[str, float] = {}
-        for _ in range(loader_rounds):  # loaders take turns too: a short epoch is at the mercy of the machine
-            for name, make in loaders.items():
-                step(f"DataLoader {name}")
-                loader = make()
-                best_epochs[name] = max(best_epochs.get(name, 0.0), _epoch_rate(loader))
+
+def _loaders(kind, systems, paths, field, dtype, batch_size, num_workers, rounds, step) -> list[Result]:
+    """Items/s of a shuffled epoch through each system's loader (lmdbkit: create_data_loader as ``lmdbkit`` and
+    the plain DataLoader as ``lmdbkit_plain``); loaders take turns, a short epoch being at the mercy of the
+    machine."""
+    def epoch(make):
+        def task():
+            loader = make()
+            try:
+                return _epoch_rate(loader)
+            finally:
                 _close(getattr(loader, "dataset", None))
-                del loader
-        for name, ips in best_epochs.items():
-            res.append(Result("peers_dataloader", kind, name, ips, "items/s",
-                              {"num_workers": num_workers, "batch_size": batch_size, "rounds": loader_rounds}))
-    for p in paths.values():
-        shutil.rmtree(p, ignore_errors=True)
-    return res
+        return task
+    makers = {"lmdbkit": lambda: systems["lmdbkit"].prebatched(paths["lmdbkit"], batch_size=batch_size,
+                                                                num_workers=num_workers)}
+    for name, system in systems.items():
+        makers["lmdbkit_plain" if name == "lmdbkit" else name] = functools.partial(
+            system.loader, paths[name], field, dtype, batch_size=batch_size, num_workers=num_workers)
+    best = take_turns(rounds, {name: (lambda t=epoch(make), name=name: {name: t()}) for name, make in makers.items()},
+                      lambda name: step(f"DataLoader {name}"))
+    return [Result("peers_dataloader", kind, name, ips, "items/s",
+                   {"num_workers": num_workers, "batch_size": batch_size, "rounds": rounds})
+            for name, ips in best.items()]
 
 
 # -- ratios and targets ------------------------------------------------------------------------------
