@@ -86,7 +86,7 @@ class LMDBDataset(Dataset):
                                            "`lmdbkit verify PATH` for a report") from exc
             if block is not None:
                 if self.prebatch:
-                    return block.batch(lambda metas: _collate_rest(metas, set()))
+                    return block.batch(_collate_metas)
                 return [self._out(s) for s in block.rows()]
         return [self._out(s) for s in self.source.read_many(indices)]
 
@@ -325,6 +325,11 @@ class SpectrogramTransform(Compose):
 
 # -- collate ----------------------------------------------------------------------------------------
 
+def _collate_metas(metas: list[dict]) -> dict:
+    """default_collate's view of a block's non-array fields (what Block.batch leaves to collate)."""
+    return _collate_rest(metas, set())
+
+
 def _collate_rest(batch: list[dict], skip: set) -> dict:
     out = {}
     for k in batch[0]:
@@ -365,7 +370,7 @@ def collate(batch: list[dict] | Batch) -> dict:
         return batch
     block = block_of(batch)
     if block is not None:  # a block's untouched rows: its own tensors, not a second copy
-        return block.batch(lambda metas: _collate_rest(metas, set()))
+        return block.batch(_collate_metas)
     return _collate_rest(batch, set())
 
 

@@ -217,9 +217,6 @@ class Wids(Peer):
             ds = wids.ShardListDataset(self._shards(path), transformations=[])
         return _WidsItems(ds, field)
 
-    def dataset(self, path, field, dtype):
-        return self.reader(path, field, dtype)
-
 
 class _WidsItems:
     """wids' samples as {field, label}: its default decoding of .npy and .cls, the names without extensions."""
@@ -354,19 +351,14 @@ class Lmdbkit(Peer):
     name, module, label = "lmdbkit", "lmdbkit", "lmdbkit"
 
     def write(self, path, samples, field, *, durable=True):
-        from .writer import Writer
-        with Writer(path, mode="overwrite", durable=durable) as w:  # durable=False: one sync at close
-            for i, s in enumerate(samples):
-                w.append(s, key=str(i))
+        from .bench import write_lmdbkit
+        write_lmdbkit(path, samples, durable=durable)  # durable=False: one sync at close
 
     def reader(self, path, field, dtype):
         from .reader import Reader
         return Reader(path)
 
-    def loader(self, path, field, dtype, *, batch_size, num_workers):
-        return super().loader(path, field, dtype, batch_size=batch_size, num_workers=num_workers)
-
-    def dataset(self, path, field, dtype):
+    def dataset(self, path, field, dtype):  # Peer.loader puts it in a plain DataLoader
         from .dataset import LMDBDataset
         return LMDBDataset(path)
 

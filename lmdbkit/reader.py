@@ -76,15 +76,15 @@ class Reader:
         try:
             h = self._handle()
             meta = store.read_meta(h)
-            if meta is None and not store.looks_legacy(h):
+            self.legacy = meta is None and store.looks_legacy(h)
+            if meta is None and not self.legacy:
                 meta = self._await_format_record()
-                h = self._handle()
-            self.legacy = meta is None
-            if meta is None:
-                if not store.looks_legacy(h):
+                if meta is None:
                     raise NotADatabaseError(
                         f"{self.path} is an LMDB environment but not an lmdbkit database (no format record, "
                         "no str(idx) keys). Write it with lmdbkit.Writer or convert it with `lmdbkit convert`")
+                h = self._handle()
+            if self.legacy:
                 if not allow_pickle:
                     raise UnsafeFormatError(
                         f"{self.path} is a legacy pickle-in-LMDB database (str(idx) keys, pickled values). "
