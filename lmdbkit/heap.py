@@ -6,7 +6,7 @@ and maps arrays over its mmap threshold afresh: either way the next batch's arra
 faulted in and zeroed by the kernel (~60 faults per 256 KiB item, measured ~6x slower batch reads).
 Raising both thresholds once per process makes the next batch reuse the last one's memory. Writing is the
 same story: each item is encoded into a new buffer and LMDB copies it into new pages of its own, all freed
-at the commit; untuned, every commit faulted them in again (~2.4x slower writes of 256 KiB items, measured).
+at the commit; untuned, every commit faulted them in again (~2.5x slower writes of 256 KiB items, measured).
 Readers and writers call it.
 
 Only glibc is tuned (other C libraries are left alone); ``LMDBKIT_KEEP_HEAP=0`` turns it off.
