@@ -111,7 +111,6 @@ def confusion(result: dict):
     return fig
 
 
-# plain names of the benchmark's methods
 # -- items ------------------------------------------------------------------------------------------
 
 def stft_config(reader):

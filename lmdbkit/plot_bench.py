@@ -12,6 +12,7 @@ import numpy as np
 from .plot import _plt, _ticker
 
 
+# plain names of the benchmark's methods
 LABELS = {
     "lmdbkit": "lmdbkit", "lmdbkit_plain": "lmdbkit, plain DataLoader", "pickle_lmdb": "pickle in LMDB (older way)",
     "pt_batches": ".pt batch files (older way)", "bare_txn_get": "bare txn.get (limit)", "memcpy": "memory copy (limit)",
