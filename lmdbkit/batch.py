@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import math
+from typing import Callable
 
 import torch
 from torch.utils.data._utils.collate import collate as _collate
@@ -43,7 +44,9 @@ class Block:
         views = self._views = {k: t.unbind(0) for k, t in self.arrays.items()}
         out = []
         for b, meta in enumerate(self.metas):
-            row = Row({k: views[k][b] if k in views else meta[k] for k in self.order})
+            row = Row(meta)  # every field in its place, the arrays None until set here
+            for k, rows in views.items():
+                row[k] = rows[b]
             row.block, row.pos = self, b
             out.append(row)
         return out
@@ -89,10 +92,11 @@ class Row(dict):
         return dict, (dict(self),)
 
 
-def decode_block(bufs: list, where: list, *, verify: list, complex32: str, shared: bool) -> Block | None:
+def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify: bool | list[bool], complex32: str,
+                 shared: bool) -> Block | None:
     """Decode items whose arrays share one layout (``codec.batch_layout``) into a Block; None when their
-    arrays differ in shape or dtype, are compressed, or an item is malformed (decode those one by one, so
-    that the error names the item). ``where[b]`` is (path, index) of item b, named by a CorruptItemError."""
+    fields or arrays differ in shape or dtype, or are compressed (decode those one by one). A malformed item
+    raises its CorruptItemError naming it. ``where(b)`` is (path, index) of item b, named by a CorruptItemError."""
     try:
         layout = codec.batch_layout(bufs)
     except codec.CorruptItemError:
@@ -104,7 +108,7 @@ def decode_block(bufs: list, where: list, *, verify: list, complex32: str, share
     for name, _kind, dname, _ccode, _off, _n, shape, _nbytes in layout.arrays:
         dname, shape = codec.decoded_dtype(dname, shape, complex32)
         shapes[name] = (getattr(torch, dname), (n, *shape))
-    numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.items[0][2].items()
+    numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.first.items()
                if k not in shapes and type(v) in (int, float)}
     arrays, scalars = _views(shapes, {k: (dt, (n,)) for k, dt in numbers.items()}, shared=shared)
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
@@ -117,15 +121,18 @@ def decode_block(bufs: list, where: list, *, verify: list, complex32: str, share
             raise LmdbkitError(f"cannot fill a batch of {n} items in shared memory: {exc}. DataLoader workers hand "
                                "batches over in /dev/shm: give it more room (docker run --shm-size=...), or use "
                                "num_workers=0") from exc
-        raise DamagedDatabaseError(f"{where[0][0]}: reading a batch failed ({exc}): is data.mdb truncated? Run "
-                                   f"`lmdbkit verify {where[0][0]}` for a report") from exc
+        path = where(0)[0]
+        raise DamagedDatabaseError(f"{path}: reading a batch failed ({exc}): is data.mdb truncated? Run "
+                                   f"`lmdbkit verify {path}` for a report") from exc
     except codec.CorruptItemError:
         for b, buf in enumerate(bufs):  # find the item, so that the error names it
             try:
-                codec.decode(buf, verify=verify[b])
+                codec.decode(buf, verify=verify if type(verify) is bool else verify[b])
             except codec.CorruptItemError as exc:
-                raise exc.at(*where[b]) from exc
+                raise exc.at(*where(b)) from exc
         raise
+    if metas is None:  # an item's layout differs from the first's
+        return None
     return Block(arrays, scalars, metas, layout.order)
 
 

@@ -44,6 +44,8 @@ ITEM_KINDS = {
     "small1k": {"field": "x", "shape": (256,), "dtype": "float32"},
 }
 PT_BATCH = 64
+# items per batch of the batched reads: a DataLoader batch of STFT items; 256 small items
+READ_BATCH = {"stft256k": 64, "small1k": 256}
 
 
 def make_samples(kind: str, n: int, *, seed: int = 0, as_torch: bool = True) -> list[dict]:
@@ -161,6 +163,10 @@ class BareGet:
         with self.env.begin() as txn:
             return txn.get(store.pack_index(i), db=self.db)
 
+    def get_many(self, indices: list[int]) -> list:
+        with self.env.begin() as txn:
+            return [txn.get(store.pack_index(i), db=self.db) for i in indices]
+
     def close(self) -> None:
         store.release(self.h)
 
@@ -195,6 +201,21 @@ def time_reads(get: Callable[[int], object], order: list[int], *, min_seconds: f
         for i in order:
             get(i)
         done += len(order)
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds:
+            return done / dt
+
+
+def time_batches(get_many: Callable[[list[int]], object], batches: list[list[int]], *,
+                 min_seconds: float = 0.3) -> float:
+    """Items per second for reading each batch of indices with one call (repeated until min_seconds passed)."""
+    for b in batches:  # one untimed pass, as in time_reads
+        get_many(b)
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for b in batches:
+            get_many(b)
+            done += len(b)
         dt = time.perf_counter() - t0
         if dt >= min_seconds:
             return done / dt
@@ -430,12 +451,31 @@ def bench_kind(kind: str, n: int, workdir: Path, *, reads: int = 2000, min_secon
                 out[name, order_name] = time_reads(r.__getitem__, o, min_seconds=min_seconds)
             return out
         return task
-    best = take_turns(rounds, {name: reads_of(name, r) for name, r in readers.items()})
+    tasks = {name: reads_of(name, r) for name, r in readers.items()}
+    tasks.update(_batched_reads(kind, paths["lmdbkit"], readers, random_order, min_seconds))
+    best = take_turns(rounds, tasks)
     for (name, order_name), ips in best.items():
-        res.append(Result(f"read_{order_name}", kind, name, ips, "items/s", {"rounds": rounds}))
+        res.append(Result(f"read_{order_name}", kind, name, ips, "items/s",
+                          {"rounds": rounds, **({"batch": READ_BATCH[kind]} if order_name == "batched" else {})}))
     for r in readers.values():
         r.close()
     return res
+
+
+def _batched_reads(kind: str, path: Path, readers: dict, order: list[int], min_seconds: float) -> dict:
+    """Tasks reading random batches of READ_BATCH[kind] items in one process: LMDBDataset.__getitems__ (what a
+    DataLoader calls; verify off, as the Reader's single reads), the same items read one by one into a list,
+    and bare txn.get of their keys in one transaction."""
+    from .dataset import LMDBDataset
+    size = READ_BATCH[kind]
+    batches = [order[b:b + size] for b in range(0, len(order) - size + 1, size)] or [order]
+    dataset = LMDBDataset(path, verify=False)
+    single = readers["lmdbkit"].__getitem__
+    ways = {"lmdbkit": dataset.__getitems__, "lmdbkit_singles": lambda b: [single(i) for i in b],
+            "bare_txn_get": readers["bare_txn_get"].get_many}
+    return {f"{name} batched": (lambda name=name, f=f: {(name, "batched"): time_batches(f, batches,
+                                                                                       min_seconds=min_seconds)})
+            for name, f in ways.items()}
 
 
 def bench_open(counts: list[int], workdir: Path, *, repeat: int = 100, with_pt: bool = True) -> list[Result]:

@@ -27,6 +27,11 @@ def ratios(results: list[Result]) -> dict[str, float]:
                 b = get(m, kind, base)
                 if lk and b:
                     out[f"{m}/{kind}: lmdbkit / {base}"] = lk / b
+        lk = get("read_batched", kind, "lmdbkit")
+        for base in ("lmdbkit_singles", "bare_txn_get"):
+            b = get("read_batched", kind, base)
+            if lk and b:
+                out[f"read_batched/{kind}: lmdbkit / {base}"] = lk / b
         w = get("write", kind, "lmdbkit")
         for base in ("pickle_lmdb", "raw_put", "pt_batches"):
             if w and get("write", kind, base):
@@ -64,6 +69,11 @@ TARGETS = [
     ("random read ~256 KiB: >= 0.85x memory copy", "read_random/stft256k: lmdbkit / memcpy", ">=", 0.85),
     ("random read ~1 KiB: >= 10x pickle-in-LMDB", "read_random/small1k: lmdbkit / pickle_lmdb", ">=", 10.0),
     ("random read ~1 KiB: >= 0.25x bare txn.get", "read_random/small1k: lmdbkit / bare_txn_get", ">=", 0.25),
+    ("batched read, 64 x ~256 KiB: >= 1.0x the same items read one by one",
+     "read_batched/stft256k: lmdbkit / lmdbkit_singles", ">=", 1.0),
+    ("batched read, 256 x ~1 KiB: >= 1.0x the same items read one by one",
+     "read_batched/small1k: lmdbkit / lmdbkit_singles", ">=", 1.0),
+    ("batched read, 256 x ~1 KiB: >= 0.3x bare txn.get", "read_batched/small1k: lmdbkit / bare_txn_get", ">=", 0.3),
     ("open + len: flat (within 2x) from 1k to 100k items", "open: lmdbkit slowest / fastest, 1k-100k items", "<=", 2.0),
     ("DataLoader, 2 workers, ~256 KiB: >= 2x pickle-in-LMDB",
      "dataloader/stft256k/workers=2: lmdbkit / pickle_lmdb", ">=", 2.0),

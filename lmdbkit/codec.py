@@ -565,35 +565,27 @@ def _numpy_bf16(arr: np.ndarray, name: str) -> np.ndarray:
 # -- batches of one layout --------------------------------------------------------------------------
 
 class Layout:
-    """Items whose arrays are laid out alike (same fields, kinds, dtypes, shapes, offsets, no compression), as
-    items of one schema are: their descriptors are checked once, on the first item. ``arrays`` holds those
-    checked descriptors (see ``parse``); ``items`` holds (payload start, checksum, fields) per item."""
+    """The layout of a batch's first item, which decode_layout checks every other item against: items of one
+    schema have the same fields and the same array descriptors (fields, kinds, dtypes, shapes, offsets; no
+    compression). ``arrays`` holds the first's checked descriptors (see ``parse``), ``stored`` them as stored,
+    ``first`` its fields (top-level arrays as None), ``order`` their names, ``need`` the payload bytes the
+    arrays reach."""
 
-    __slots__ = ("arrays", "items", "order")
+    __slots__ = ("arrays", "stored", "first", "order", "need")
 
-    def __init__(self, arrays: list, items: list, order: list):
-        self.arrays, self.items, self.order = arrays, items, order
+    def __init__(self, arrays: list, stored: list, first: dict):
+        self.arrays, self.stored, self.first, self.order = arrays, stored, first, list(first)
+        self.need = max((d[4] + d[5] for d in arrays), default=0)
 
 
 def batch_layout(bufs: list) -> Layout | None:
-    """The Layout shared by every buffer, or None when their array layouts or field names differ, or an array
-    is compressed. Raises CorruptItemError (without naming the item) for a malformed item: decode it alone to
-    name it."""
-    start0, stored0, _, fields0, raw0 = _header(bufs[0])
-    arrays = _checked(raw0, len(bufs[0]) - start0)
+    """The Layout of the first buffer, or None when one of its arrays is compressed. Raises CorruptItemError
+    (without naming the item) for a malformed one: decode it alone to name it."""
+    start, _, _, fields, stored = _header(bufs[0])
+    arrays = _checked(stored, len(bufs[0]) - start)
     if any(d[3] for d in arrays):
         return None
-    need = max((d[4] + d[5] for d in arrays), default=0)  # payload bytes the descriptors reach
-    keys0 = fields0.keys()
-    items = [(start0, stored0, fields0)]
-    for buf in bufs[1:]:
-        start, stored, _, fields, raw = _header(buf)
-        if raw != raw0 or fields.keys() != keys0:  # C-level comparisons: the first's layout, checked there
-            return None
-        if start + need > len(buf):
-            raise _corrupt(f"arrays run past the end of the {len(buf)}-byte item")
-        items.append((start, stored, fields))
-    return Layout(arrays, items, list(fields0))
+    return Layout(arrays, stored, fields)
 
 
 PWRITE_MIN = 64 << 10  # arrays from this size on go to a ``file`` destination by pwrite
@@ -601,10 +593,15 @@ PWRITE_MIN = 64 << 10  # arrays from this size on go to a ``file`` destination b
 
 def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, verify: bool | list[bool],
                   complex32: str = "complex64", decode_to: DecodeTo = "numpy",
-                  file: tuple[int, dict[str, int]] | None = None) -> list[dict]:
+                  file: tuple[int, dict[str, int]] | None = None) -> list[dict] | None:
     """Copy every item's arrays into row b of ``dests[field]`` (C-contiguous numpy arrays [n, ...] of the
-    decoded dtype, see ``decoded_dtype``): one copy each, straight from the buffers. Returns each item's other
-    fields (metadata, nested arrays decoded as ``decode`` does). ``verify``: per item, or for all.
+    decoded dtype, see ``decoded_dtype``): one copy each, straight from the buffers. Returns each item's fields
+    in their stored order, the top-level arrays as None (their values are in ``dests``), metadata decoded as
+    ``decode`` does (arrays nested in it too); None as soon as an item's fields or array descriptors differ
+    from the layout's (rows before it are filled: decode the batch item by item then). ``verify``: per item, or
+    for all. Raises CorruptItemError (without naming the item) for a malformed one.
+
+    Each item's header is unpacked once, here, and compared with the first's at C level: one pass per item.
 
     ``file``: (fd, {field: byte offset}) when ``dests`` are mappings of that file (shared memory): arrays of
     at least PWRITE_MIN bytes are then written with ``os.pwrite`` at their row's offset, so the kernel fills
@@ -622,12 +619,28 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     wide = [d for d in layout.arrays if d[2] == "complex32"]
     torch = _torch() if decode_to != "numpy" else None
     checks = verify if isinstance(verify, list) else [verify] * len(bufs)
-    hash64 = xxhash.xxh3_64_intdigest
-    meta_keys = [k for k in layout.order if k not in names]  # every item has the first's fields (batch_layout)
+    hash64, prefix, unpackb = xxhash.xxh3_64_intdigest, _PREFIX.unpack_from, msgpack.unpackb
+    stored0, keys0, need = layout.stored, layout.first.keys(), layout.need
+    meta_keys = [k for k in layout.order if k not in names]
     nested = (list, dict, msgpack.ExtType)
     metas = []
-    for b, (buf, (start, stored, fields)) in enumerate(zip(bufs, layout.items)):
-        buf = memoryview(buf)
+    for b, buf in enumerate(bufs):
+        if type(buf) is not memoryview:
+            buf = memoryview(buf)
+        size = len(buf)
+        try:
+            magic, version, _flags, hlen, stored = prefix(buf, 0)
+            start = PREFIX_SIZE + hlen
+            if magic != MAGIC or version != VERSION or start > size:
+                raise ValueError
+            key, fields, arrays = unpackb(buf[PREFIX_SIZE:start], raw=False, strict_map_key=False)
+        except Exception:
+            _header(buf)  # raises the precise error
+            raise _corrupt("malformed header") from None
+        if arrays != stored0 or type(fields) is not dict or fields.keys() != keys0:  # C-level comparisons
+            return None
+        if start + need > size:
+            raise _corrupt(f"arrays run past the end of the {size}-byte item")
         if checks[b] and hash64(buf[PREFIX_SIZE:]) != stored:
             raise _corrupt("checksum mismatch")
         for dest, off, n in plain:
@@ -636,11 +649,11 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             _pwrite_all(file[0], buf[start + off:start + off + n], base + b * n)  # the one copy, by the kernel
         for d in wide:
             _complex32(buf[start + d[4]:start + d[4] + d[5]], d[6], d[1], "numpy", None, dests[d[0]][b, ...], complex32)
-        meta = {k: fields[k] for k in meta_keys}
-        for k, v in meta.items():
+        for k in meta_keys:
+            v = fields[k]
             if type(v) in nested:  # metadata lists and dicts, and arrays nested in them
-                meta[k] = _walk(v, _Ctx(buf, start, stored, checks[b], decode_to, torch, complex32), 0)
-        metas.append(meta)
+                fields[k] = _walk(v, _Ctx(buf, start, stored, checks[b], decode_to, torch, complex32), 0)
+        metas.append(fields)
     return metas
 
 

@@ -17,7 +17,7 @@ from torch.utils.data._utils.collate import default_collate
 from . import codec, store
 from .batch import Batch, Block, block_of, decode_block
 from .errors import DamagedDatabaseError, LmdbkitError
-from .reader import MultiReader, Reader, by_reader
+from .reader import MultiReader, Reader
 from .stft import as_complex64, is_pairs
 
 
@@ -87,31 +87,41 @@ class LMDBDataset(Dataset):
             if block is not None:
                 if self.prebatch:
                     return block.batch(_collate_metas)
-                return [self._out(s) for s in block.rows()]
+                rows = block.rows()
+                return rows if self.transform is None else [self.transform(s) for s in rows]
         return [self._out(s) for s in self.source.read_many(indices)]
 
     def _block(self, indices: list[int]) -> Block | None:
-        located = self.source.locate_many(indices)
-        if not located:
+        indices = list(indices)
+        groups = self.source.groups(indices)
+        if not groups:
             return None
         with ExitStack() as stack:
-            bufs = self._raw_bufs(located, stack)
+            bufs, verify = self._raw_bufs(groups, stack)
             if any(b is None for b in bufs):
                 return None
             shared = self.transform is None and torch.utils.data.get_worker_info() is not None
-            return decode_block(bufs, [(r.path, j) for r, j in located], verify=[r.verify for r, _ in located],
-                                complex32=self.complex32, shared=shared)
+
+            def where(b: int) -> tuple[str, int]:
+                r, j = self.source.locate(indices[b])
+                return r.path, j
+            return decode_block(bufs, where, verify=verify, complex32=self.complex32, shared=shared)
 
     @staticmethod
-    def _raw_bufs(located: list[tuple[Reader, int]], stack) -> list:
-        """The stored bytes of each (reader, index), one transaction per reader (kept open by ``stack``),
-        each reader's reads requested together."""
-        bufs: list = [None] * len(located)
-        for r, positions in by_reader(located):
+    def _raw_bufs(groups: list, stack) -> tuple[list, bool | list[bool]]:
+        """The stored bytes of a batch's items, one transaction per database (kept open by ``stack``), each
+        database's reads requested together; and whether to verify them (one flag, or one per item)."""
+        if len(groups) == 1:
+            r, _, js = groups[0]
+            return r._raw_many(stack.enter_context(r._txn()), js), r.verify
+        n = sum(len(js) for *_, js in groups)
+        bufs: list = [None] * n
+        verify: list = [False] * n
+        for r, positions, js in groups:
             txn = stack.enter_context(r._txn())
-            for pos, buf in zip(positions, r._raw_many(txn, [located[p][1] for p in positions])):
-                bufs[pos] = buf
-        return bufs
+            for pos, buf in zip(positions, r._raw_many(txn, js)):
+                bufs[pos], verify[pos] = buf, r.verify
+        return bufs, verify
 
     def get(self, key: str) -> Any:
         """The item written under ``key`` (searched in every database)."""

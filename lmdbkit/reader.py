@@ -17,7 +17,7 @@ import os
 import pickle
 import time
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import lmdb
 
@@ -247,7 +247,7 @@ class Reader:
         """The stored bytes of several items, their disk reads in flight together (see ``prefetch``)."""
         if self.legacy:
             return [txn.get(str(i).encode()) for i in indices]
-        return self._fetch.get_many(txn, self._items, [store.pack_index(i) for i in indices])
+        return self._fetch.get_many(txn, self._items, list(map(store.pack_index, indices)))
 
     def __getitem__(self, i: int) -> dict:
         j = self._norm(i)
@@ -453,14 +453,6 @@ class Reader:
         return f"<lmdbkit.Reader {self.path!r} items={len(self)} {kind}>"
 
 
-def by_reader(located: list[tuple[Reader, int]]) -> list[tuple[Reader, list[int]]]:
-    """For (reader, index) pairs: each reader touched, in first-use order, with the positions of its pairs."""
-    groups: dict[int, tuple[Reader, list[int]]] = {}
-    for pos, (r, _) in enumerate(located):
-        groups.setdefault(id(r), (r, []))[1].append(pos)
-    return list(groups.values())
-
-
 def _key_or_index(k, path: str) -> str | int:
     """A retrieve_batch entry as a key (str) or an index (int); anything else is refused, naming it."""
     if isinstance(k, str):
@@ -514,15 +506,24 @@ class MultiReader:
         r = bisect.bisect_right(self.offsets, j) - 1
         return self.readers[r], j - self.offsets[r]
 
-    def locate_many(self, indices) -> list[tuple[Reader, int]]:
-        """``locate`` of each index; one database needs no search (negative indices count from the end)."""
-        if len(self.readers) != 1:
-            return [self.locate(i) for i in indices]
-        r, n = self.readers[0], len(self)
-        js = [i + n if i < 0 else i for i in indices]
-        if js and not (0 <= min(js) and max(js) < n):
-            return [self.locate(i) for i in indices]  # raises the IndexError naming the index
-        return [(r, j) for j in js]
+    def groups(self, indices: list[int]) -> list[tuple[Reader, Sequence[int], list[int]]]:
+        """The databases a batch of global indices touches, in first-use order, each as (reader, the batch
+        positions it holds, their indices within it). One database needs no search; negative indices count
+        from the end; an index out of range is an IndexError naming it."""
+        if len(self.readers) == 1:
+            r, n = self.readers[0], len(self)
+            js = [i + n if i < 0 else i for i in indices]
+            if not js:
+                return []
+            if 0 <= min(js) and max(js) < n:
+                return [(r, range(len(js)), js)]
+        found: dict[int, tuple[Reader, list[int], list[int]]] = {}
+        for pos, i in enumerate(indices):
+            r, j = self.locate(i)
+            group = found.setdefault(id(r), (r, [], []))
+            group[1].append(pos)
+            group[2].append(j)
+        return list(found.values())
 
     def __getitem__(self, i: int) -> dict:
         reader, j = self.locate(i)
@@ -530,10 +531,10 @@ class MultiReader:
 
     def read_many(self, indices) -> list[dict]:
         """Items by global index, in the order asked: one read transaction per database touched."""
-        located = self.locate_many(indices)
-        out: list = [None] * len(located)
-        for reader, positions in by_reader(located):
-            for pos, sample in zip(positions, reader.read_many([located[p][1] for p in positions])):
+        indices = list(indices)
+        out: list = [None] * len(indices)
+        for reader, positions, js in self.groups(indices):
+            for pos, sample in zip(positions, reader.read_many(js)):
                 out[pos] = sample
         return out
 

@@ -180,7 +180,7 @@ def test_decode_layout_by_pwrite_equals_copying(tmp_path):
         metas = codec.decode_layout(bufs, layout, dests, verify=True, file=(f.fileno(), {"a": 0}))
     got = np.fromfile(path, np.float32).reshape(3, 20000)
     assert np.array_equal(got, np.arange(20000, dtype=np.float32)[None] + np.arange(3)[:, None])
-    assert metas == [{"l": 0}, {"l": 1}, {"l": 2}] and not dests["a"].any()
+    assert metas == [{"a": None, "l": 0}, {"a": None, "l": 1}, {"a": None, "l": 2}] and not dests["a"].any()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (root)")
@@ -196,7 +196,7 @@ def test_full_shared_memory_is_an_error_not_a_crash(tmp_path, monkeypatch):
         monkeypatch.setattr(codec, "PWRITE_MIN", 1)
         big = [codec.encode({"a": np.ones(50_000, np.float32) * i}) for i in range(40)]
         with pytest.raises(lmdbkit.LmdbkitError, match=r"shared memory.*/dev/shm.*--shm-size"):
-            lkbatch.decode_block(big, [("db", i) for i in range(40)], verify=[True] * 40, complex32="complex64",
+            lkbatch.decode_block(big, lambda b: ("db", b), verify=[True] * 40, complex32="complex64",
                                  shared=True)
         f.close()
     finally:

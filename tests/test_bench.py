@@ -18,6 +18,9 @@ def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
             assert ("write", kind, m) in got and ("disk", kind, m) in got
         for m in ("lmdbkit", "pickle_lmdb", "bare_txn_get", "memcpy", "pt_batches"):
             assert ("read_random", kind, m) in got and ("read_sequential", kind, m) in got
+        for m in ("lmdbkit", "lmdbkit_singles", "bare_txn_get"):  # batches in one process
+            assert ("read_batched", kind, m) in got
+            assert f"read_batched/{kind}: lmdbkit / bare_txn_get" in s["ratios"]
         for m in ("lmdbkit", "pickle_lmdb"):
             assert ("dataloader", kind, m) in got and ("worker_uss", kind, m) in got
     for temp in ("cold", "warm"):  # the cold section: the same items read every way, after a drop and warm
