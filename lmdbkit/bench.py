@@ -515,7 +515,7 @@ def default_worker_counts() -> tuple[int, ...]:
 
 def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 20000,
         open_counts=(1000, 10_000, 100_000), reads: int = 2000, min_seconds: float = 0.3, with_pt: bool = True,
-        workers=None, cold: bool = True, cold_gb: float = 0.25, cold_reads: int = 512, cold_rounds: int = 1,
+        workers=None, cold: bool = True, cold_gb: float = 0.25, cold_reads: int = 512, cold_rounds: int = 3,
         kinds: bool = True, peers=False, plots: bool = True, progress: bool = True) -> dict:
     """The whole suite on generated items; writes summary.json (and PNG plots) into output_dir, returns it.
 
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-gb", type=float, default=0.25,
                     help="size of each copy of the cold-read database in GB (default 0.25; use more than RAM "
                          "holds free to see the disk, e.g. 3 or more)")
-    ap.add_argument("--cold-rounds", type=int, default=1, help="cold-read rounds (the median is reported)")
+    ap.add_argument("--cold-rounds", type=int, default=3, help="cold-read rounds (the median is reported; one short round swings with the disk)")
     ap.add_argument("--no-kinds", action="store_true", help="skip the feature kinds (bytes, error and read speed "
                                                            "of each stored kind and dtype on speech)")
     ap.add_argument("--peers", nargs="?", const="all", default=None,
