@@ -464,15 +464,16 @@ def bench_kind(kind: str, n: int, workdir: Path, *, reads: int = 2000, min_secon
 
 def _batched_reads(kind: str, path: Path, readers: dict, order: list[int], min_seconds: float) -> dict:
     """Tasks reading random batches of READ_BATCH[kind] items in one process: LMDBDataset.__getitems__ (what a
-    DataLoader calls; verify off, as the Reader's single reads), the same items read one by one into a list,
-    and bare txn.get of their keys in one transaction."""
+    DataLoader calls; verify off, as the Reader's single reads), plain (a list of items) and prebatched (the
+    collated batch, as create_data_loader's), the same items read one by one into a list, and bare txn.get
+    of their keys in one transaction."""
     from .dataset import LMDBDataset
     size = READ_BATCH[kind]
     batches = [order[b:b + size] for b in range(0, len(order) - size + 1, size)] or [order]
-    dataset = LMDBDataset(path, verify=False)
     single = readers["lmdbkit"].__getitem__
-    ways = {"lmdbkit": dataset.__getitems__, "lmdbkit_singles": lambda b: [single(i) for i in b],
-            "bare_txn_get": readers["bare_txn_get"].get_many}
+    ways = {"lmdbkit": LMDBDataset(path, verify=False).__getitems__,
+            "lmdbkit_prebatch": LMDBDataset(path, verify=False, prebatch=True).__getitems__,
+            "lmdbkit_singles": lambda b: [single(i) for i in b], "bare_txn_get": readers["bare_txn_get"].get_many}
     return {f"{name} batched": (lambda name=name, f=f: {(name, "batched"): time_batches(f, batches,
                                                                                        min_seconds=min_seconds)})
             for name, f in ways.items()}

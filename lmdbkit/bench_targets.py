@@ -27,11 +27,12 @@ def ratios(results: list[Result]) -> dict[str, float]:
                 b = get(m, kind, base)
                 if lk and b:
                     out[f"{m}/{kind}: lmdbkit / {base}"] = lk / b
-        lk = get("read_batched", kind, "lmdbkit")
-        for base in ("lmdbkit_singles", "bare_txn_get"):
-            b = get("read_batched", kind, base)
-            if lk and b:
-                out[f"read_batched/{kind}: lmdbkit / {base}"] = lk / b
+        for way in ("lmdbkit", "lmdbkit_prebatch"):
+            lk = get("read_batched", kind, way)
+            for base in ("lmdbkit_singles", "bare_txn_get"):
+                b = get("read_batched", kind, base)
+                if lk and b:
+                    out[f"read_batched/{kind}: {way} / {base}"] = lk / b
         w = get("write", kind, "lmdbkit")
         for base in ("pickle_lmdb", "raw_put", "pt_batches"):
             if w and get("write", kind, base):

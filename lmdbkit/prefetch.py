@@ -195,21 +195,30 @@ class Prefetcher:
         """The values under ``keys`` (None where absent), every large value's read requested before the first
         is taken from the map in ``txn``.
 
-        Values are looked up in order until one is not in the page cache; in a finished database the rest of
-        the batch is then looked up by a pool of threads, since each lookup of a cold value may wait for the
-        disk: so a cold batch's reads are in flight together, and a warm batch costs no thread at all.
+        Values are looked up (and warm ones taken) in order until one is not in the page cache; the rest of the
+        batch is then looked up before any of it is taken, in a finished database by a pool of threads, since
+        each lookup of a cold value may wait for the disk: so a cold batch's reads are in flight together, and
+        a warm batch costs no thread and one lookup a value.
         """
         if not self.large(txn, db):
             return [txn.get(k, db=db) for k in keys]
         cursor = txn.cursor(db=db)
+        out = []
         for n, k in enumerate(keys):
-            if self._lookup(cursor, k) and self._cold and self.finished:
+            if not self._lookup(cursor, k):
+                out.append(None)
+                continue
+            if self._cold:  # the rest likely waits for the disk too: ask for all of it before taking any
                 rest = keys[n + 1:]
-                if rest:
+                if self.finished and rest:
                     threads = min(HINT_THREADS, len(rest))
                     list(_pool().map(self._hint_keys, [(db, rest[i::threads]) for i in range(threads)]))
-                break
-        return [cursor.value() if cursor.set_key(k) else None for k in keys]
+                else:
+                    for r in rest:
+                        self._lookup(cursor, r)
+                return out + [cursor.value() if cursor.set_key(k) else None for k in keys[n:]]
+            out.append(cursor.value())  # a warm value: taken where the lookup left the cursor
+        return out
 
     def _lookup(self, cursor, key: bytes) -> bool:
         """Put the cursor on ``key`` (False if absent), first asking the disk for the value's pages when the

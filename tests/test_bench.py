@@ -18,7 +18,7 @@ def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
             assert ("write", kind, m) in got and ("disk", kind, m) in got
         for m in ("lmdbkit", "pickle_lmdb", "bare_txn_get", "memcpy", "pt_batches"):
             assert ("read_random", kind, m) in got and ("read_sequential", kind, m) in got
-        for m in ("lmdbkit", "lmdbkit_singles", "bare_txn_get"):  # batches in one process
+        for m in ("lmdbkit", "lmdbkit_prebatch", "lmdbkit_singles", "bare_txn_get"):  # batches in one process
             assert ("read_batched", kind, m) in got
             assert f"read_batched/{kind}: lmdbkit / bare_txn_get" in s["ratios"]
         for m in ("lmdbkit", "pickle_lmdb"):
