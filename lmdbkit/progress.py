@@ -4,11 +4,13 @@ In JupyterLab (a kernel with a live front end) bars are notebook widgets; in a t
 notebook run headless (papermill) has a kernel but nobody to draw its widgets, and its widget bars would be
 saved frozen at 0%: there bars are text on stderr, which papermill keeps in the executed notebook and can
 pass on to the terminal (``lmdbkit.notebooks`` does). Headless is detected by ``notebooks.start`` (a cell of
-injected parameters) or asked for with ``LMDBKIT_PROGRESS=text``.
+injected parameters), by the kernel's parent process being a headless runner (papermill, nbconvert, nbclient:
+a run without parameters has no injected cell), or asked for with ``LMDBKIT_PROGRESS=text``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -21,7 +23,28 @@ def set_headless(value: bool = True) -> None:
 
 
 def headless() -> bool:
-    return _headless or os.environ.get("LMDBKIT_PROGRESS") == "text"
+    return _headless or os.environ.get("LMDBKIT_PROGRESS") == "text" or _started_by_headless_runner()
+
+
+HEADLESS_RUNNERS = {"papermill", "nbconvert", "jupyter-nbconvert", "nbclient", "jupyter-execute", "jupyter-nbclient"}
+
+
+@functools.cache
+def _started_by_headless_runner() -> bool:
+    """Whether this is a notebook kernel started by a headless runner: jupyter_client gives every kernel it
+    starts its parent's pid (JPY_PARENT_PID), whose command line names the program (Linux's /proc; elsewhere
+    this says False)."""
+    pid = os.environ.get("JPY_PARENT_PID")
+    if not pid or "ipykernel" not in sys.modules:
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except (OSError, ValueError):
+        return False
+    # the program is one of the first words: `papermill ...`, `python -m papermill ...`, `jupyter nbconvert ...`
+    names = {os.path.basename(a).removesuffix(".exe").removesuffix("-script.py") for a in argv[:3]}
+    return bool(names & HEADLESS_RUNNERS)
 
 
 def tqdm(*args, **kwargs):

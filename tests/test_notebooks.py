@@ -194,3 +194,19 @@ def test_final_outputs_are_screenshotted():
                 assert out.stat().st_size > 2000
         finally:
             browser.close()
+
+
+def test_plain_papermill_run_without_parameters_gets_text_progress(tmp_path):
+    """`papermill nb.ipynb out.ipynb` with no -p injects no parameters cell; its bars must still be text that
+    moves (a widget bar is saved frozen at 0%, with nobody to draw it)."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("from lmdbkit.progress import tqdm\n"
+                                          "for _ in tqdm(range(3), desc='bar-test'):\n    pass")]
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(tmp_path / "nb.ipynb"), str(tmp_path / "out.ipynb"),
+                           "-k", "python3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    outputs = [o for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells for o in c.get("outputs", [])]
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert "bar-test: 100%" in "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
