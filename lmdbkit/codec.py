@@ -8,7 +8,9 @@ Layout of one encoded item (little-endian)::
     4   u32    header length H
     8   u64    xxh3-64 checksum of bytes[16:]   (header + payload)
     16  H      header: msgpack [key or None, {field: value}, [array descriptor, ...]]
-    16+H       payload: the raw C-order bytes of every array, one after another
+    16+H       payload: the raw C-order bytes of every array, one after another (in an item of at least
+               ALIGN_MIN payload bytes, after 0-63 zero bytes that put the arrays on a cache line in LMDB's map;
+               the descriptors' offsets say where each array is, so a reader needs to know nothing of this)
 
 Metadata values are stored as native msgpack (int, float, bool, None, str, bytes, lists and dicts of
 those; tuples come back as lists). A top-level array or tensor field is None in the field map (which
@@ -247,10 +249,34 @@ def encode_with_schema(sample: dict, key: str | None = None, *,
                           "give valid text (e.g. decode file names with errors='replace')") from exc
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"sample {key!r} cannot be encoded: {exc}") from exc
+    if offset >= ALIGN_MIN and len(chunks) == len(arrays):  # a large item, its arrays all top-level
+        header, pad = _aligned(header, key, fields, arrays)
+        if pad:
+            chunks.insert(0, bytes(pad))
     h = xxhash.xxh3_64(header)
     for c in chunks:
         h.update(c)
     return b"".join([_PREFIX.pack(MAGIC, VERSION, 0, len(header), h.intdigest()), header, *chunks]), tuple(signature)
+
+
+ALIGN = 64  # a cache line
+ALIGN_MIN = 64 << 10  # items with at least this many payload bytes have their payload aligned
+VALUE_START = 16  # where a large value's bytes start in LMDB's map: after its first overflow page's header
+
+
+def _aligned(header: bytes, key, fields: dict, arrays: list) -> tuple[bytes, int]:
+    """(header, pad): the header with every array's offset moved by ``pad`` bytes, so that the payload that
+    follows ``pad`` zero bytes starts on a cache line in LMDB's memory map (a large value starts VALUE_START
+    bytes into a page). Copies between aligned buffers run faster (~1.2x measured for 256 KiB arrays);
+    any reader reads the offsets as written, so this changes nothing else. (header, 0) if it does not settle."""
+    pad = 0
+    for _ in range(4):  # moving the offsets can lengthen their msgpack ints, and so the header
+        want = -(VALUE_START + PREFIX_SIZE + len(header)) % ALIGN
+        if want == pad:
+            return header, pad
+        pad = want
+        header = msgpack.packb([key, fields, [[*a[:4], a[4] + pad, *a[5:]] for a in arrays]], use_bin_type=True)
+    return msgpack.packb([key, fields, arrays], use_bin_type=True), 0
 
 
 _KIND_NAMES = ("array", "tensor", "scalar")

@@ -235,3 +235,28 @@ def test_fuzz_mutated_items_only_raise_lmdbkit_errors(valid, flips, cut):
             codec.decode(bytes(data), verify=verify)
         except LmdbkitError:
             pass
+
+
+def test_large_payloads_start_on_a_cache_line_in_the_map(tmp_path):
+    """A large item's arrays are moved (offsets in their descriptors, zero bytes before them) so that its payload
+    starts on a 64-byte line where LMDB maps a large value, whatever its header's length; small items are not
+    padded."""
+    from lmdbkit import Reader, Writer
+    from lmdbkit.prefetch import address
+    keys = ["k", "a" * 100, "speech/en/" + "x" * 300 + ".wav#12"]
+    items = [{"stft": torch.randn(257, 128, dtype=torch.complex64), "mel": np.full((80, 100), i, np.float32),
+              "label": i} for i in range(len(keys))]
+    assert codec.parse(codec.encode({"x": np.arange(256, dtype=np.float32)}, "k"))[4][0][4] == 0
+    with Writer(tmp_path / "a.lmdb") as w:
+        for key, item in zip(keys, items):
+            w.append(item, key=key)
+    with Reader(tmp_path / "a.lmdb") as r:
+        with r._txn() as txn:
+            for i in range(len(keys)):
+                buf = r._raw(txn, i)
+                start, _, _, _, arrays = codec.parse(buf)
+                assert (address(buf) + start + arrays[0][4]) % codec.ALIGN == 0
+        for i, item in enumerate(items):
+            got = r[i]
+            assert torch.equal(got["stft"], item["stft"]) and np.array_equal(got["mel"], item["mel"])
+            assert got["label"] == i and r.key_of(i) == keys[i]
