@@ -142,6 +142,28 @@ def test_items_of_different_layouts_are_read_one_by_one(tmp_path):
     assert [r["label"] for r in ds.__getitems__([1, 0, 2])] == [2, 1, 3]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_large_items_of_one_layout_are_one_block_whatever_their_alignment_pad(tmp_path, workers):
+    """Items of 64 KiB+ carry 0-63 bytes of alignment pad, which depends on the header's length (here the
+    key's): the batch is still decoded as one block (it once fell back to reading item by item)."""
+    p = tmp_path / "big.lmdb"
+    keys = [f"{'k' * (i * 7)}{i}" for i in range(12)]
+    with lmdbkit.Writer(p) as w:
+        for i, k in enumerate(keys):
+            w.append({"spec": torch.full((130, 128), float(i)), "mel": np.full((4, 5), i, np.float32), "label": i}, key=k)
+    ds = lmdbkit.LMDBDataset(p)
+    with ds.readers[0]._txn() as txn:  # the pads differ, so their offsets do
+        assert len({codec.parse(ds.readers[0]._raw(txn, i))[4][0][4] for i in range(12)}) > 1
+    rows = ds.__getitems__(list(range(11, -1, -1)))
+    assert lkbatch.block_of(rows) is not None
+    got = default_collate(rows)
+    assert torch.equal(got["spec"][:, 0, 0], torch.arange(11, -1, -1, dtype=torch.float32))
+    assert torch.equal(got["mel"][:, 3, 4], torch.arange(11, -1, -1, dtype=torch.float32))
+    batches = list(DataLoader(ds, batch_size=4, num_workers=workers))
+    assert torch.equal(torch.cat([b["label"] for b in batches]), torch.arange(12))
+    assert all(torch.equal(b["spec"][:, 129, 127], b["label"].float()) for b in batches)
+
+
 def test_big_ints_are_collated_as_default_collate_does(tmp_path):
     p = tmp_path / "big.lmdb"
     with lmdbkit.Writer(p) as w:
