@@ -467,12 +467,16 @@ def _batched_reads(kind: str, path: Path, readers: dict, order: list[int], min_s
     DataLoader calls; verify off, as the Reader's single reads), plain (a list of items) and prebatched (the
     collated batch, as create_data_loader's), the same items read one by one into a list, and bare txn.get
     of their keys in one transaction."""
+    from .batch import Batch, block_of
     from .dataset import LMDBDataset
     size = READ_BATCH[kind]
     batches = [order[b:b + size] for b in range(0, len(order) - size + 1, size)] or [order]
+    plain, prebatched = LMDBDataset(path, verify=False), LMDBDataset(path, verify=False, prebatch=True)
+    # these items share one layout: a batch read item by item would time the wrong path, silently
+    if block_of(plain.__getitems__(batches[0])) is None or type(prebatched.__getitems__(batches[0])) is not Batch:
+        raise RuntimeError(f"{path}: a batch of items of one layout was read item by item, not as one block")
     single = readers["lmdbkit"].__getitem__
-    ways = {"lmdbkit": LMDBDataset(path, verify=False).__getitems__,
-            "lmdbkit_prebatch": LMDBDataset(path, verify=False, prebatch=True).__getitems__,
+    ways = {"lmdbkit": plain.__getitems__, "lmdbkit_prebatch": prebatched.__getitems__,
             "lmdbkit_singles": lambda b: [single(i) for i in b], "bare_txn_get": readers["bare_txn_get"].get_many}
     return {f"{name} batched": (lambda name=name, f=f: {(name, "batched"): time_batches(f, batches,
                                                                                        min_seconds=min_seconds)})
