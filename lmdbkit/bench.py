@@ -194,28 +194,29 @@ class MemcpyLimit:
 
 def time_reads(get: Callable[[int], object], order: list[int], *, min_seconds: float = 0.3) -> float:
     """Items per second for reading ``order`` (repeated until at least min_seconds have passed)."""
-    for i in order:  # one untimed pass: map every page it touches (first-touch faults are not reads)
-        get(i)
-    done, t0 = 0, time.perf_counter()
-    while True:
+    def one_pass():
         for i in order:
             get(i)
-        done += len(order)
-        dt = time.perf_counter() - t0
-        if dt >= min_seconds:
-            return done / dt
+    return _rate(one_pass, len(order), min_seconds)
 
 
 def time_batches(get_many: Callable[[list[int]], object], batches: list[list[int]], *,
                  min_seconds: float = 0.3) -> float:
     """Items per second for reading each batch of indices with one call (repeated until min_seconds passed)."""
-    for b in batches:  # one untimed pass, as in time_reads
-        get_many(b)
-    done, t0 = 0, time.perf_counter()
-    while True:
+    def one_pass():
         for b in batches:
             get_many(b)
-            done += len(b)
+    return _rate(one_pass, sum(map(len, batches)), min_seconds)
+
+
+def _rate(one_pass: Callable[[], object], items: int, min_seconds: float) -> float:
+    """Items per second of ``one_pass`` (reading ``items``), after one untimed pass: it maps every page the
+    reads touch (first-touch faults are not reads)."""
+    one_pass()
+    done, t0 = 0, time.perf_counter()
+    while True:
+        one_pass()
+        done += items
         dt = time.perf_counter() - t0
         if dt >= min_seconds:
             return done / dt
