@@ -214,8 +214,8 @@ class Prefetcher:
                     threads = min(HINT_THREADS, len(rest))
                     list(_pool().map(self._hint_keys, [(db, rest[i::threads]) for i in range(threads)]))
                 else:
-                    for r in rest:
-                        self._lookup(cursor, r)
+                    for later in rest:
+                        self._lookup(cursor, later)
                 return out + [cursor.value() if cursor.set_key(k) else None for k in keys[n:]]
             out.append(cursor.value())  # a warm value: taken where the lookup left the cursor
         return out
