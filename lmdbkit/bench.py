@@ -453,21 +453,23 @@ def bench_kind(kind: str, n: int, workdir: Path, *, reads: int = 2000, min_secon
             return out
         return task
     tasks = {name: reads_of(name, r) for name, r in readers.items()}
-    tasks.update(_batched_reads(kind, paths["lmdbkit"], readers, random_order, min_seconds))
+    batched, datasets = _batched_reads(kind, paths["lmdbkit"], readers, random_order, min_seconds)
+    tasks.update(batched)
     best = take_turns(rounds, tasks)
     for (name, order_name), ips in best.items():
         res.append(Result(f"read_{order_name}", kind, name, ips, "items/s",
                           {"rounds": rounds, **({"batch": READ_BATCH[kind]} if order_name == "batched" else {})}))
-    for r in readers.values():
+    for r in [*readers.values(), *datasets]:
         r.close()
     return res
 
 
-def _batched_reads(kind: str, path: Path, readers: dict, order: list[int], min_seconds: float) -> dict:
+def _batched_reads(kind: str, path: Path, readers: dict, order: list[int], min_seconds: float
+                   ) -> tuple[dict, list]:
     """Tasks reading random batches of READ_BATCH[kind] items in one process: LMDBDataset.__getitems__ (what a
     DataLoader calls; verify off, as the Reader's single reads), plain (a list of items) and prebatched (the
     collated batch, as create_data_loader's), the same items read one by one into a list, and bare txn.get
-    of their keys in one transaction."""
+    of their keys in one transaction. Returns the tasks and the datasets they read (to close)."""
     from .batch import Batch, block_of
     from .dataset import LMDBDataset
     size = READ_BATCH[kind]
@@ -479,9 +481,10 @@ def _batched_reads(kind: str, path: Path, readers: dict, order: list[int], min_s
     single = readers["lmdbkit"].__getitem__
     ways = {"lmdbkit": plain.__getitems__, "lmdbkit_prebatch": prebatched.__getitems__,
             "lmdbkit_singles": lambda b: [single(i) for i in b], "bare_txn_get": readers["bare_txn_get"].get_many}
-    return {f"{name} batched": (lambda name=name, f=f: {(name, "batched"): time_batches(f, batches,
-                                                                                       min_seconds=min_seconds)})
-            for name, f in ways.items()}
+    tasks = {f"{name} batched": (lambda name=name, f=f: {(name, "batched"): time_batches(f, batches,
+                                                                                        min_seconds=min_seconds)})
+             for name, f in ways.items()}
+    return tasks, [plain, prebatched]
 
 
 def bench_open(counts: list[int], workdir: Path, *, repeat: int = 100, with_pt: bool = True) -> list[Result]:
@@ -540,7 +543,7 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
     steps = [(kind, n) for kind, n in (("stft256k", n_stft), ("small1k", n_small)) if n]
     if peers:
         from . import bench_peers
-        peer_names = [p for p in (bench_peers.PEERS if peers is True else peers)]
+        peer_names = list(bench_peers.PEERS if peers is True else peers)
         unknown = sorted(set(peer_names) - set(bench_peers.PEERS))
         if unknown:
             raise ValueError(f"peers={unknown}: unknown. The peers are {sorted(bench_peers.PEERS)}")

@@ -214,13 +214,19 @@ def ratios(results: list[Result]) -> dict[str, float]:
         best = best_peer(results, "peers_write_synced", kind)
         lk = v.get(("peers_write", kind, "lmdbkit"))
         if best and lk:
-            out[f"peers_write/{kind}: lmdbkit durable (fsync per commit) / best peer synced ({best[0]})"] = lk / best[1]
+            out[_durable_key(results, kind)] = lk / best[1]
     return out
 
 
 def _key(results, measure, kind, method="lmdbkit"):
     best = best_peer(results, measure, kind)
     return None if best is None else f"{measure}/{kind}: {method} / best peer ({best[0]})"
+
+
+def _durable_key(results, kind) -> str | None:
+    """The ratio key of lmdbkit's default (durable) write against the best peer synced once at the end."""
+    best = best_peer(results, "peers_write_synced", kind)
+    return None if best is None else f"peers_write/{kind}: lmdbkit durable (fsync per commit) / best peer synced ({best[0]})"
 
 
 def targets(results: list[Result]) -> list[dict]:
@@ -243,8 +249,7 @@ def targets(results: list[Result]) -> list[dict]:
             rows.append({"target": name, "ratio": key, "value": val, "threshold": f">= {thr}",
                          "holds": None if val is None else val >= thr})
         if kind == "stft256k":
-            best = best_peer(results, "peers_write_synced", kind)
-            key = best and f"peers_write/{kind}: lmdbkit durable (fsync per commit) / best peer synced ({best[0]})"
+            key = _durable_key(results, kind)
             val = r.get(key) if key else None
             rows.append({"target": f"writes, {what}, lmdbkit's default (fsync per commit): >= 0.8x the best peer "
                                    "synced once", "ratio": key, "value": val, "threshold": ">= 0.8",

@@ -270,14 +270,14 @@ def _aligned(header: bytes, key, fields: dict, arrays: list) -> tuple[bytes, int
     bytes into a page). Copies into aligned buffers (a batch tensor) run faster from an aligned source (~1.15x
     measured for batches of 256 KiB arrays). Any reader reads the offsets as written; a batch's items may
     differ in their pad (``_shift``). (header, 0) if it does not settle."""
-    pad = 0
+    given, pad = header, 0
     for _ in range(4):  # moving the offsets can lengthen their msgpack ints, and so the header
         want = -(VALUE_START + PREFIX_SIZE + len(header)) % ALIGN
         if want == pad:
             return header, pad
         pad = want
         header = msgpack.packb([key, fields, [[*a[:4], a[4] + pad, *a[5:]] for a in arrays]], use_bin_type=True)
-    return msgpack.packb([key, fields, arrays], use_bin_type=True), 0
+    return given, 0
 
 
 _KIND_NAMES = ("array", "tensor", "scalar")
@@ -356,19 +356,23 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
     return start, stored, key, fields, _checked_like_last(arrays, len(buf) - start)
 
 
-_last_checked: tuple = (None, [], 0)  # (descriptors as stored, checked, payload bytes they reach) of the last item
+# the last item's descriptors as stored, checked, and the lowest and highest payload byte they reach
+_last_checked: tuple = ([], [], 0, 0)
 
 
 def _checked_like_last(arrays: list, payload: int) -> list:
-    """``_checked``, reusing the last item's result when this item's descriptors are equal (items of one schema,
-    read one after another): one C-level comparison, then only the payload's length to check."""
+    """``_checked``, reusing the last item's result when this item's descriptors equal it, or differ only by
+    offsets moved alike (another alignment pad, ``_shift``): items of one schema read one after another cost
+    a comparison and a bounds check on the payload's length."""
     global _last_checked
-    raw, checked, need = _last_checked
-    if arrays == raw and need <= payload:
-        return checked
+    raw, checked, low, need = _last_checked
+    shift = 0 if arrays == raw else _shift(arrays, raw)
+    if shift is not None and low + shift >= 0 and need + shift <= payload:
+        return checked if not shift else [(*d[:4], d[4] + shift, *d[5:]) for d in checked]
     checked = _checked(arrays, payload)
     if not any(d[3] for d in checked):  # compressed lengths vary with the data: not worth keeping
-        _last_checked = (arrays, checked, max((d[4] + d[5] for d in checked), default=0))
+        _last_checked = (arrays, checked, min((d[4] for d in checked), default=0),
+                         max((d[4] + d[5] for d in checked), default=0))
     return checked
 
 
@@ -477,12 +481,8 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False, parsed: t
             import torch  # noqa: F811 - imported only when tensors are asked for
     try:
         for name, kind, dname, ccode, off, n, shape, nbytes in arrays:
-            if ccode or not nbytes or dname == "complex32" or dname == "bfloat16":
-                fields[name] = _array(buf, start, stored, verify, kind, dname, ccode, off, n, shape, nbytes,
-                                      decode_to, torch, complex32)
-                continue
-            arr = np.ndarray(shape, _STORAGE[dname], buf, start + off).copy()  # the one copy (as _array makes it)
-            fields[name] = _finish(arr, dname, kind, decode_to, torch)
+            fields[name] = _array(buf, start, stored, verify, kind, dname, ccode, off, n, shape, nbytes, decode_to,
+                                  torch, complex32)
         for name, value in fields.items():
             t = type(value)
             if t is list or t is dict or t is msgpack.ExtType:
@@ -542,6 +542,9 @@ def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbyte
            complex32="complex64"):
     """One array from the payload (its descriptor already checked by check_array): exactly one copy out of ``buf``."""
     dt = _STORAGE[name]
+    if not ccode and name != "complex32":  # the common case: straight from buf, without slicing it first
+        arr = np.ndarray(shape, dt, buf, start + off).copy() if nbytes else np.empty(shape, dt)  # the one copy
+        return _finish(arr, name, kind, decode_to, torch)
     raw = buf[start + off:start + off + n]
     if ccode:
         # never inflate bytes that might be a random bomb: check the checksum first
@@ -555,7 +558,7 @@ def _array(buf, start, stored, verified, kind, name, ccode, off, n, shape, nbyte
             raise _corrupt(f"array of shape {shape} {name} needs {nbytes} bytes, found {len(raw)}")
     if name == "complex32":
         return _complex32(raw, shape, kind, decode_to, torch, None, complex32)
-    arr = np.ndarray(shape, dt, raw).copy() if nbytes else np.empty(shape, dt)  # the one copy
+    arr = np.ndarray(shape, dt, raw).copy() if nbytes else np.empty(shape, dt)  # the one copy (inflated)
     return _finish(arr, name, kind, decode_to, torch)
 
 
