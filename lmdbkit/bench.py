@@ -153,11 +153,12 @@ class PtBatches:
 
 
 class BareGet:
-    """The read limit inside LMDB: txn.get of the same keys, bytes copied out, nothing decoded."""
+    """The read limit inside LMDB: txn.get of the same items' encoded bytes, one per key (``write_raw``'s copy:
+    a packed database holds several per value), bytes copied out, nothing decoded."""
 
     def __init__(self, path: Path):
         self.h = store.acquire(path, lock=False)  # shares the process's environment for this path
-        self.env, self.db = self.h.env, self.h.db(store.ITEMS)
+        self.env, self.db = self.h.env, self.h.db(store.ITEMS)  # write_raw's puts are in the main database
 
     def __getitem__(self, i: int):
         with self.env.begin() as txn:
@@ -436,7 +437,7 @@ def bench_kind(kind: str, n: int, workdir: Path, *, reads: int = 2000, min_secon
     readers: dict[str, object] = {
         "lmdbkit": Reader(paths["lmdbkit"], decode_to="torch"),
         "pickle_lmdb": PickleLmdb(paths["pickle_lmdb"]),
-        "bare_txn_get": BareGet(paths["lmdbkit"]),
+        "bare_txn_get": BareGet(paths["raw_put"]),
         "memcpy": MemcpyLimit(sizes),
     }
     if with_pt:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import lmdb
 from .progress import tqdm
 
-from . import codec, store
+from . import codec, runs, store
 from .errors import CorruptItemError, LmdbkitError
 from .reader import Reader
 from .writer import field_value, index_value
@@ -142,13 +142,11 @@ def _check_tables(r: Reader, rep: Report, ev: _Events) -> None:
     keys_of: dict[int, str] = {}
     bad: set[int] = set()
     step = max(1, rep.count // 200)
+    packed = store.packed(r.meta)
     with h.begin(buffers=True) as txn:
         seen, last = 0, -1
         try:
-            for kb, buf in txn.cursor(db=h.db(store.ITEMS)):
-                seen += 1
-                if seen % step == 0:
-                    ev.checked(seen)
+            for kb, value in txn.cursor(db=h.db(store.ITEMS)):
                 if len(kb) != 8:
                     ev.problem(f"an items-table key of {len(kb)} bytes (expected 8): the table is damaged")
                     continue
@@ -157,28 +155,27 @@ def _check_tables(r: Reader, rep: Report, ev: _Events) -> None:
                     ev.problem(f"items table out of order (item {i} after item {last}): the B-tree is damaged; "
                                "stopped walking it", index=i)
                     break
-                last = i
-                key = None
-                try:
-                    parsed = codec.parse(buf)
-                    key = parsed[2]  # known before the checksum, so a damaged payload is reported by key
-                    key, sample = codec.decode(buf, decode_to="numpy", verify=True, parsed=parsed)
-                except CorruptItemError as exc:
-                    ev.problem(exc.reason, key=key, index=i)
-                    bad.add(i)
-                    continue
-                rep.items_checked += 1
-                if i >= rep.count:
-                    ev.problem(f"item beyond the recorded count {rep.count}", key=key, index=i)
-                if key is not None:
-                    keys_of[i] = key
-                for f in index_fields:
+                if not packed:
+                    items = [(i, value)]
+                else:
                     try:
-                        v = index_value(field_value(sample, f), field=f, key=key)
-                    except LmdbkitError as exc:
-                        ev.problem(f"indexed field {f!r}: {exc}", key=key, index=i)
+                        parts = runs.items(value, verify=True)
+                    except CorruptItemError as exc:
+                        ev.problem(f"{exc.reason}: the items {last + 1}..{i} are unreadable", index=i)
+                        bad.update(range(last + 1, i + 1))
+                        seen += i - last
+                        last = i
                         continue
-                    expected_index[f].setdefault(v, set()).add(i)
+                    if i - len(parts) != last:
+                        ev.problem(f"the run of items {i - len(parts) + 1}..{i} follows item {last}: the items "
+                                   "table is damaged", index=i)
+                    items = list(enumerate(parts, start=i - len(parts) + 1))
+                last = i
+                for j, buf in items:
+                    seen += 1
+                    if seen % step == 0:
+                        ev.checked(seen)
+                    _check_item(j, buf, rep, ev, index_fields, expected_index, keys_of, bad)
         except lmdb.Error as exc:
             ev.problem(f"LMDB reports damage in the items table after item {last} ({exc}); the items after it "
                        "could not be read", index=last + 1)
@@ -186,12 +183,36 @@ def _check_tables(r: Reader, rep: Report, ev: _Events) -> None:
         ev.checked(rep.items_checked)
         if seen is not None and seen != rep.count:
             ev.problem(f"the format record says {rep.count} items, the items table holds {seen}")
-        _check_keys(txn, h, rep, ev, keys_of)
+        _check_keys(txn, h, rep, ev, keys_of, packed)
         for f in index_fields:
             _check_index(txn, h, f, expected_index[f], keys_of, bad, ev)
 
 
-def _check_keys(txn, h, rep: Report, ev: _Events, keys_of: dict[int, str]) -> None:
+def _check_item(i: int, buf, rep: Report, ev: _Events, index_fields, expected_index, keys_of, bad: set[int]) -> None:
+    key = None
+    try:
+        parsed = codec.parse(buf)
+        key = parsed[2]  # known before the checksum, so a damaged payload is reported by key
+        key, sample = codec.decode(buf, decode_to="numpy", verify=True, parsed=parsed)
+    except CorruptItemError as exc:
+        ev.problem(exc.reason, key=key, index=i)
+        bad.add(i)
+        return
+    rep.items_checked += 1
+    if i >= rep.count:
+        ev.problem(f"item beyond the recorded count {rep.count}", key=key, index=i)
+    if key is not None:
+        keys_of[i] = key
+    for f in index_fields:
+        try:
+            v = index_value(field_value(sample, f), field=f, key=key)
+        except LmdbkitError as exc:
+            ev.problem(f"indexed field {f!r}: {exc}", key=key, index=i)
+            continue
+        expected_index[f].setdefault(v, set()).add(i)
+
+
+def _check_keys(txn, h, rep: Report, ev: _Events, keys_of: dict[int, str], packed: bool) -> None:
     n_keys = 0
     try:
         for kb, vb in txn.cursor(db=h.db(store.KEYS)):
@@ -209,8 +230,11 @@ def _check_keys(txn, h, rep: Report, ev: _Events, keys_of: dict[int, str]) -> No
     except lmdb.Error as exc:
         ev.problem(f"LMDB reports damage in the keys table after {n_keys} keys ({exc})")
         return
-    if n_keys != rep.count:
-        ev.problem(f"the keys table holds {n_keys} keys for {rep.count} items")
+    # a packed database lists only the keys that are not their item's default (its index as text)
+    implicit = sum(1 for i, k in keys_of.items() if k == str(i)) if packed else 0
+    if n_keys + implicit != rep.count:
+        listed = f"{n_keys} keys" + (f" (and {implicit} items under their default key)" if packed else "")
+        ev.problem(f"the keys table holds {listed} for {rep.count} items")
 
 
 def _check_index(txn, h, f: str, expected: dict[bytes, set[int]], keys_of, bad: set[int], ev: _Events) -> None:

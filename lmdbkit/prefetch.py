@@ -191,60 +191,81 @@ class Prefetcher:
         cursor = txn.cursor(db=db)
         return cursor.value() if self._lookup(cursor, key) else None
 
-    def get_many(self, txn, db, keys: list[bytes]) -> list:
+    def get_run(self, txn, db, key: bytes):
+        """(key, value) of the first key at or after ``key`` (a packed table's run, see ``runs``), or None."""
+        self.large(txn, db)  # whether hints can help
+        cursor = txn.cursor(db=db)
+        if not self._lookup(cursor, key, ranged=True):
+            return None
+        return cursor.key(), self._value(cursor)
+
+    def get_many(self, txn, db, keys: list[bytes], *, ranged: bool = False) -> list:
         """The values under ``keys`` (None where absent), every large value's read requested before the first
-        is taken from the map in ``txn``.
+        is taken from the map in ``txn``; ``ranged``: (key, value) of the first key at or after each (runs).
 
         Values are looked up (and warm ones taken) in order until one is not in the page cache; the rest of the
         batch is then looked up before any of it is taken, in a finished database by a pool of threads, since
         each lookup of a cold value may wait for the disk: so a cold batch's reads are in flight together, and
         a warm batch costs no thread and one lookup a value.
         """
-        if not self.large(txn, db):
+        if not self.large(txn, db) and not ranged:
             return [txn.get(k, db=db) for k in keys]
         cursor = txn.cursor(db=db)
+        find = cursor.set_range if ranged else cursor.set_key
+        take = (lambda: (cursor.key(), self._value(cursor))) if ranged else cursor.value
         out = []
         for n, k in enumerate(keys):
-            if not self._lookup(cursor, k):
+            if not self._lookup(cursor, k, ranged):
                 out.append(None)
                 continue
             if self._cold:  # the rest likely waits for the disk too: ask for all of it before taking any
                 rest = keys[n + 1:]
                 if self.finished and rest:
                     threads = min(HINT_THREADS, len(rest))
-                    list(_pool().map(self._hint_keys, [(db, rest[i::threads]) for i in range(threads)]))
+                    list(_pool().map(self._hint_keys, [(db, rest[i::threads], ranged) for i in range(threads)]))
                 else:
                     for later in rest:
-                        self._lookup(cursor, later)
-                return out + [cursor.value() if cursor.set_key(k) else None for k in keys[n:]]
-            out.append(cursor.value())  # a warm value: taken where the lookup left the cursor
+                        self._lookup(cursor, later, ranged)
+                return out + [take() if find(k) else None for k in keys[n:]]
+            out.append(take())  # a warm value: taken where the lookup left the cursor
         return out
 
-    def _lookup(self, cursor, key: bytes) -> bool:
+    def _lookup(self, cursor, key: bytes, ranged: bool = False) -> bool:
         """Put the cursor on ``key`` (False if absent), first asking the disk for the value's pages when the
-        last lookup went to the disk and the key's leaf is known, else after a lookup that went to the disk."""
+        last lookup went to the disk and the key's leaf is known, else after a lookup that went to the disk.
+
+        ``ranged``: on the first key at or after ``key``. A packed table's few leaf pages stay cached, so its
+        lookups seldom wait: there, a value that was slow to take (``_value``) also says the disk is cold."""
         asked = False
-        if self._cold and self.leaves is not None:
+        if self._cold and self.leaves is not None and not ranged:
             found = self.leaves.span(key)
             if found is not None:
                 asked = self._advise(*found)
         t0 = perf_counter_ns()
-        if not cursor.set_key(key):
+        if not (cursor.set_range(key) if ranged else cursor.set_key(key)):
             return False
-        self._cold = perf_counter_ns() - t0 > COLD_NS
-        if self._cold and not asked:
+        slow = perf_counter_ns() - t0 > COLD_NS
+        self._cold = slow or (ranged and self._cold)
+        if self._cold and not asked and (not ranged or self._large):
             self.hint(cursor)
         return True
 
+    def _value(self, cursor):
+        """The cursor's value, noting whether taking it (py-lmdb touches each of its pages) waited for the disk."""
+        t0 = perf_counter_ns()
+        value = cursor.value()
+        self._cold = perf_counter_ns() - t0 > COLD_NS
+        return value
+
     def _hint_keys(self, job: tuple) -> None:
         """In a pool thread: ask for the values of some keys, then wait until they are in (py-lmdb's preload)."""
-        db, keys = job
+        db, keys, ranged = job
         try:
             with self._begin(buffers=True) as txn:
                 cursor = txn.cursor(db=db)
-                found = [k for k in keys if self._lookup(cursor, k)]
+                found = [k for k in keys if self._lookup(cursor, k, ranged)]
                 for k in found:  # wait for them here, in parallel with the other threads
-                    cursor.set_key(k)
+                    cursor.set_range(k) if ranged else cursor.set_key(k)
                     cursor.value()
         except lmdb.Error:
             pass  # e.g. no free reader slot: the values are still read, one page at a time

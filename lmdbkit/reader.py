@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import lmdb
 
-from . import codec, heap, store
+from . import codec, heap, runs, store
 from .errors import (CorruptItemError, DamagedDatabaseError, IndexNotFoundError, LmdbkitError, NotADatabaseError,
                      UnsafeFormatError)
 from .writer import index_value
@@ -101,6 +101,7 @@ class Reader:
             raise
         self._meta = meta
         self._complete = bool(meta.get("complete"))
+        self._packed = store.packed(meta)  # items in runs, default keys implicit (format 2)
 
     # -- environment ---------------------------------------------------------------------------------
 
@@ -241,13 +242,28 @@ class Reader:
         """Item ``i``'s stored bytes (a view into the map, valid while ``txn`` lasts), or None."""
         if self.legacy:
             return txn.get(str(i).encode())
-        return self._fetch.get(txn, self._items, store.pack_index(i))
+        if not self._packed:
+            return self._fetch.get(txn, self._items, store.pack_index(i))
+        return self._in_run(self._fetch.get_run(txn, self._items, store.pack_index(i)), i)
 
     def _raw_many(self, txn, indices: list[int]) -> list:
         """The stored bytes of several items, their disk reads in flight together (see ``prefetch``)."""
         if self.legacy:
             return [txn.get(str(i).encode()) for i in indices]
-        return self._fetch.get_many(txn, self._items, list(map(store.pack_index, indices)))
+        keys = list(map(store.pack_index, indices))
+        if not self._packed:
+            return self._fetch.get_many(txn, self._items, keys)
+        return [self._in_run(found, i) for found, i in zip(self._fetch.get_many(txn, self._items, keys, ranged=True),
+                                                           indices)]
+
+    def _in_run(self, found, i: int):
+        """Item ``i``'s bytes in the (key, run) a ranged lookup found, or None (no such run)."""
+        if found is None:
+            return None
+        try:
+            return runs.item(found[1], store.unpack_index(found[0]), i, verify=self.verify)
+        except CorruptItemError as exc:
+            raise exc.at(self.path, i) from exc
 
     def __getitem__(self, i: int) -> dict:
         j = self._norm(i)
@@ -289,8 +305,20 @@ class Reader:
         if self.legacy:
             return int(key) if key.isdigit() and int(key) < len(self) else None
         with self._txn() as txn:
-            raw = txn.get(key.encode(), db=self._keys_db())
-            return None if raw is None else store.unpack_index(raw)
+            return self._index_in(txn, key)
+
+    def _index_in(self, txn, key: str) -> int | None:
+        raw = txn.get(key.encode(), db=self._keys_db())
+        if raw is not None:
+            return store.unpack_index(raw)
+        i = store.implicit_key(key) if self._packed else None
+        if i is None or i >= len(self):
+            return None
+        buf = self._raw(txn, i)
+        try:
+            return i if buf is not None and codec.peek_key(buf) == key else None
+        except CorruptItemError as exc:
+            raise exc.at(self.path, i) from exc
 
     def _keys_db(self):
         return self._handle().db(store.KEYS)
@@ -326,12 +354,10 @@ class Reader:
         if self.legacy:
             return [self.get(k, None) if isinstance(k, str) else self[k] for k in wanted]
         with self._txn() as txn:
-            kdb = self._keys_db()
             found = []
             for k in wanted:
                 if isinstance(k, str):
-                    raw = txn.get(k.encode(), db=kdb)
-                    found.append((k, None if raw is None else store.unpack_index(raw)))
+                    found.append((k, self._index_in(txn, k)))
                 else:
                     found.append((k, self._norm(k)))
             bufs = iter(self._raw_many(txn, [j for _, j in found if j is not None]))
@@ -353,6 +379,9 @@ class Reader:
             return [str(i) for i in range(len(self))]
         with self._txn() as txn:
             pairs = [(store.unpack_index(v), bytes(k).decode()) for k, v in txn.cursor(db=self._keys_db())]
+        if self._packed:  # an item without an entry is under its default key
+            given = dict(pairs)
+            return [given.get(i) or str(i) for i in range(len(self))]
         pairs.sort()
         return [k for _, k in pairs]
 

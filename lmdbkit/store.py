@@ -25,10 +25,13 @@ import lmdb
 
 from .errors import (DamagedDatabaseError, DatabaseBusyError, DatabaseNotFoundError, DiskFullError,
                      FormatVersionError, LmdbkitError, NotADatabaseError, ReadOnlyError, TruncatedDatabaseError)
+from . import runs
 from .prefetch import Prefetcher
 
 FORMAT_NAME = "lmdbkit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one item per key; what a writer of large items writes (older lmdbkit reads it)
+PACKED_VERSION = 2  # small items packed in runs (see runs), default keys implicit
+VERSIONS = (FORMAT_VERSION, PACKED_VERSION)
 META_KEY = b"format"
 METADATA_JSON = "metadata.json"
 WRITER_LOCK = "writer.lock"
@@ -54,6 +57,48 @@ def unpack_index(b) -> int:
     except struct.error:
         raise DamagedDatabaseError(f"an item index of {len(b)} bytes where 8 are stored: the database is damaged. "
                                    "Run `lmdbkit verify PATH` for a report") from None
+
+
+def packed(meta: dict) -> bool:
+    """Whether a database's items are packed in runs (format 2)."""
+    return meta.get("version") == PACKED_VERSION
+
+
+def implicit_key(key: str) -> int | None:
+    """The index whose default key ``key`` is ("17" for item 17), or None. A packed database keeps no keys-table
+    entry for an item under its default key."""
+    if key.isascii() and key.isdigit() and (key == "0" or key[0] != "0"):
+        return int(key)
+    return None
+
+
+def get_item(txn, db, packed: bool, i: int):
+    """Item i's stored bytes (a view into the map when ``txn`` has buffers=True), or None: for a writer's own
+    reads; a Reader's go through its Prefetcher."""
+    if not packed:
+        return txn.get(pack_index(i), db=db)
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(pack_index(i)):
+        return None
+    return runs.item(cursor.value(), unpack_index(cursor.key()), i)
+
+
+def walk_items(txn, db, packed: bool, start: int = 0) -> Iterable[tuple[int, object]]:
+    """(index, stored bytes) of every item from ``start`` on, in index order (CorruptItemError for a damaged
+    run; ``integrity`` walks the table more carefully)."""
+    cursor = txn.cursor(db=db)
+    ok = cursor.set_range(pack_index(start))
+    while ok:
+        k, v = cursor.item()
+        last = unpack_index(k)
+        if not packed:
+            yield last, v
+        else:
+            parts = runs.items(v)
+            for i, buf in enumerate(parts, start=last - len(parts) + 1):
+                if i >= start:
+                    yield i, buf
+        ok = cursor.next()
 
 
 def index_db_name(field: str) -> bytes:
@@ -291,9 +336,9 @@ def read_meta(h: Handle, txn=None) -> dict | None:
         raise DamagedDatabaseError(f"{h.path}: the format record is not a JSON object; the database is damaged")
     if meta.get("format") != FORMAT_NAME:
         raise NotADatabaseError(f"{h.path}: its meta record names format {meta.get('format')!r}, not {FORMAT_NAME!r}")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in VERSIONS:
         raise FormatVersionError(f"{h.path} is lmdbkit format version {meta.get('version')}; this lmdbkit reads "
-                                 f"version {FORMAT_VERSION}. Upgrade lmdbkit (pip install -U lmdbkit)")
+                                 f"versions {list(VERSIONS)}. Upgrade lmdbkit (pip install -U lmdbkit)")
     return meta
 
 

@@ -22,7 +22,7 @@ import lmdb
 import msgpack
 import numpy as np
 
-from . import codec, heap, store
+from . import codec, heap, runs, store
 from .errors import (CommitError, ConfigMismatchError, DatabaseBusyError, DatabaseExistsError, DiskFullError,
                      DuplicateKeyError, KeyTooLongError, LmdbkitError, MapSizeLimitError, NotADatabaseError,
                      ReadOnlyError, SchemaError, UnsafeFormatError)
@@ -183,12 +183,16 @@ class Writer:
                      every key given must equal the stored value, else ConfigMismatchError (stored and
                      requested values side by side); keys not given are kept.
       compression:   None (default) or one of codec.COMPRESSORS.
+      pack:          pack items into runs (format 2, see ``runs``): None (default) packs when the first item
+                     encodes to at most runs.PACK_MAX (16 KiB), where one item per LMDB value wastes its pages;
+                     False writes format 1 (one item per value, also read by lmdbkit before 0.3); True packs.
+                     A packed database keeps no keys-table entry for an item under its default key.
     """
 
     def __init__(self, path: str | os.PathLike, *, mode: Mode = "create", map_size_gb: float | None = None,
                  max_size_gb: float | None = None, commit_items: int = 1000, commit_bytes: int = 64 << 20,
                  durable: bool = True, index_fields: Iterable[str] = (), metadata: dict | None = None,
-                 compression: str | None = None, max_readers: int = 126):
+                 compression: str | None = None, max_readers: int = 126, pack: bool | None = None):
         self.closed = True  # until the database is open: close()/__del__ of a refused writer do nothing
         if isinstance(path, bytes):
             path = os.fsdecode(path)
@@ -205,6 +209,9 @@ class Writer:
                 raise LmdbkitError(f"{name}={v!r}: give a size in GiB above 0 and below {MAX_MAP_GB} (what a "
                                    "64-bit process can map), or None: the map grows by itself")
         codec.check_compression(compression)
+        if pack not in (None, True, False):
+            raise LmdbkitError(f"pack={pack!r}: give True, False or None (pack small items)")
+        self.pack = pack
         self.max_size = int(max_size_gb * GiB) if max_size_gb else None
         map_size = int(map_size_gb * GiB) if map_size_gb else DEFAULT_MAP_SIZE
         if self.max_size is not None:
@@ -260,6 +267,8 @@ class Writer:
             self._pending_sources: list[tuple[bytes, bytes]] = []
             self._pending_index: list[tuple[bytes, bytes, bytes]] = []
             self._pending_bytes = 0
+            self._packed = store.packed(self.meta)
+            self._tail, self._tail_key = self._open_run() if self._packed else ([], None)
             self._in_source = False       # inside append_source: append_source decides when to commit
             self._sig: tuple | None = None
             self._rtxn = self._h.env.begin()
@@ -336,6 +345,22 @@ class Writer:
         self._meta = h.db(store.META, create=True)
         self._sources = h.db(store.SOURCES, create=True)
 
+    def _open_run(self) -> tuple[list[bytes], bytes | None]:
+        """(items, key) of the last run when it is still open (a later commit extends it), else ([], None)."""
+        with self._h.begin() as txn:
+            cursor = txn.cursor(db=self._items)
+            if not cursor.last():
+                return [], None
+            key, items = bytes(cursor.key()), [bytes(x) for x in runs.items(cursor.value())]
+        if runs.closed(len(items), sum(map(len, items))):
+            return [], None
+        return items, key
+
+    def _decide_packing(self, first: bytes) -> None:
+        """At the first item of a database: pack it (format 2) or not (format 1)."""
+        self._packed = len(first) <= runs.PACK_MAX if self.pack is None else self.pack
+        self.meta["version"] = store.PACKED_VERSION if self._packed else store.FORMAT_VERSION
+
     def _resume(self, stored: dict, metadata: dict | None) -> None:
         stored_md = stored.get("metadata", {})
         if metadata is not None:
@@ -354,6 +379,9 @@ class Writer:
             raise ConfigMismatchError(str(self.path), {"compression": stored.get("compression")},
                                       {"compression": self.compression}, "Append with the stored compression")
         self.compression = stored.get("compression")
+        if self.pack is not None and stored["count"] and self.pack != store.packed(stored):
+            raise ConfigMismatchError(str(self.path), {"pack": store.packed(stored)}, {"pack": self.pack},
+                                      "Append with the stored packing (pack=None follows it)")
         self.meta = dict(stored, complete=False, updated=_now())
         self.count = stored["count"]
         self.schema = stored.get("schema", {})
@@ -375,7 +403,17 @@ class Writer:
 
     def __contains__(self, key: str) -> bool:
         kb = encode_key(key, what="key")
-        return kb in self._pending_keys or self._rtxn.get(kb, db=self._keys) is not None
+        return kb in self._pending_keys or self._holds_key(key, kb)
+
+    def _holds_key(self, key: str, kb: bytes) -> bool:
+        """Whether a committed item has this key: in the keys table, or (packed) as the default key of its index."""
+        if len(kb) <= store.MAX_KEY_BYTES and self._rtxn.get(kb, db=self._keys) is not None:
+            return True
+        i = store.implicit_key(key) if self._packed else None
+        if i is None or i >= self.count:
+            return False
+        with self._h.begin(buffers=True) as txn:
+            return codec.peek_key(store.get_item(txn, self._items, True, i)) == key
 
     def append(self, sample: dict, *, key: str | None = None) -> int:
         """Add one sample; returns its index. ``key`` (default: the index as text) must be unique."""
@@ -385,9 +423,11 @@ class Writer:
         if not isinstance(key, str) or not key:
             raise LmdbkitError(f"key={key!r}: sample keys are non-empty strings")
         kb = check_key_bytes(encode_key(key, what="key"), what=f"key {key[:60]!r}")
-        if kb in self._pending_keys or self._rtxn.get(kb, db=self._keys) is not None:
+        if kb in self._pending_keys or self._holds_key(key, kb):
             raise DuplicateKeyError(f"{self.path}: key {key!r} is already in the database; sample keys must be unique")
         data, sig = codec.encode_with_schema(sample, key, compression=self.compression)
+        if i == 0:
+            self._decide_packing(data)
         if sig != self._sig:
             self._check_schema(sample, sig, key)
         if not self._fields_resolved and self.index_fields:
@@ -504,7 +544,7 @@ class Writer:
         self.commit()
         if self.count:  # "category" may mean "metadata.category": ask the first item
             with self._h.begin(buffers=True) as txn:
-                first = codec.parse(txn.get(store.pack_index(0), db=self._items))[3]
+                first = codec.parse(store.get_item(txn, self._items, self._packed, 0))[3]
             field = resolve_field(first, field, where=self.path)
         if field in self.index_fields:
             return 0
@@ -538,11 +578,9 @@ class Writer:
         start = 0
         while start < self.count:
             with self._h.begin(buffers=True) as txn:
-                cur = txn.cursor(db=self._items)
-                ok = cur.set_range(store.pack_index(start))
-                while ok and len(entries) < 100_000:
-                    ik, buf = cur.item()
-                    i = store.unpack_index(ik)
+                walk = store.walk_items(txn, self._items, self._packed, start)
+                start = self.count
+                for i, buf in walk:
                     try:
                         _, _, key, fields, arrays = codec.parse(buf)  # header only: no array is copied
                         value = field_value(fields, field)
@@ -550,11 +588,10 @@ class Writer:
                             value = field_value(codec.decode(buf, decode_to="numpy")[1], field)  # an array (0-d?)
                     except codec.CorruptItemError as exc:
                         raise exc.at(str(self.path), i) from exc
-                    entries.append((index_value(value, field=field, key=key), bytes(ik)))
-                    start = i + 1
-                    ok = cur.next()
-                if not ok:
-                    start = self.count
+                    entries.append((index_value(value, field=field, key=key), store.pack_index(i)))
+                    if len(entries) >= 100_000:
+                        start = i + 1
+                        break
             bar.update(len(entries))
             flush()
         bar.close()
@@ -606,8 +643,14 @@ class Writer:
         while True:
             try:
                 with self._h.env.begin(write=True) as txn:
-                    for ik, kb, data in self._pending:
-                        txn.put(ik, data, db=self._items, append=True)
+                    if self._packed:
+                        tail = self._put_runs(txn)
+                    else:
+                        for ik, _, data in self._pending:
+                            txn.put(ik, data, db=self._items, append=True)
+                    for i, (ik, kb, _) in enumerate(self._pending, start=self.count):
+                        if self._packed and kb == str(i).encode():
+                            continue  # a default key: implicit in a packed database
                         if not txn.put(kb, ik, db=self._keys, overwrite=False):
                             raise DuplicateKeyError(f"{self.path}: key {kb.decode()!r} is already in the database")
                     for f, v, ik in self._pending_index:
@@ -615,11 +658,30 @@ class Writer:
                     for s, rec in self._pending_sources:
                         txn.put(s, rec, db=self._sources)
                     txn.put(store.META_KEY, blob, db=self._meta)
+                if self._packed:
+                    self._tail, self._tail_key = tail
                 break
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
                 raise self._commit_failed(exc) from exc
+
+    def _put_runs(self, txn) -> tuple[list[bytes], bytes | None]:
+        """Write the open run (extended) and the buffered items as runs; returns the new open run (items, key)."""
+        items = self._tail + [data for _, _, data in self._pending]
+        if not items:
+            return self._tail, self._tail_key
+        if self._tail_key is not None:
+            txn.delete(self._tail_key, db=self._items)
+        last, pos = self.count - len(self._tail) - 1, 0
+        for n in runs.split([len(x) for x in items]):
+            last += n
+            txn.put(store.pack_index(last), runs.pack(items[pos:pos + n]), db=self._items, append=True)
+            pos += n
+        run = items[pos - n:]
+        if runs.closed(len(run), sum(map(len, run))):
+            return [], None
+        return [bytes(x) for x in run], store.pack_index(last)
 
     def _commit_failed(self, exc: Exception) -> CommitError:
         """The error for a commit LMDB refused: what is on disk, which buffered items were not written, why."""

@@ -44,3 +44,45 @@ def chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
         "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+
+
+def _items_table(txn, env):
+    import json
+
+    from lmdbkit import store
+    meta = json.loads(bytes(txn.get(store.META_KEY, db=env.open_db(store.META, txn=txn))))
+    return env.open_db(store.ITEMS, txn=txn), store.packed(meta)
+
+
+def stored(path, i: int) -> bytes:
+    """Item i's stored bytes, whichever the format (a run's slice in a packed database)."""
+    import lmdb
+
+    from lmdbkit import store
+    env = lmdb.open(str(path), max_dbs=64, readonly=True, lock=False)
+    with env.begin() as txn:
+        db, packed = _items_table(txn, env)
+        data = bytes(store.get_item(txn, db, packed, i))
+    env.close()
+    return data
+
+
+def replace_stored(path, i: int, data: bytes) -> None:
+    """Put ``data`` where item i's stored bytes are, whichever the format (into its run's slot, the run's
+    table rewritten to fit, in a packed database): to damage one item the way a bad disk would."""
+    import lmdb
+
+    from lmdbkit import runs, store
+    env = lmdb.open(str(path), max_dbs=64)
+    with env.begin(write=True) as txn:
+        db, packed = _items_table(txn, env)
+        if not packed:
+            txn.put(store.pack_index(i), data, db=db)
+        else:
+            cursor = txn.cursor(db=db)
+            assert cursor.set_range(store.pack_index(i))
+            key = bytes(cursor.key())
+            parts = [bytes(x) for x in runs.items(cursor.value())]
+            parts[i - (store.unpack_index(key) - len(parts) + 1)] = data
+            txn.put(key, runs.pack(parts), db=db)
+    env.close()

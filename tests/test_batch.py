@@ -177,15 +177,10 @@ def test_big_ints_are_collated_as_default_collate_does(tmp_path):
 
 
 def test_a_corrupt_item_in_a_batch_is_named(mixed_db):
-    import lmdb
-    from lmdbkit import store
-    env = lmdb.open(str(mixed_db), max_dbs=16)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"items", txn=txn)
-        good = bytearray(txn.get(store.pack_index(6), db=db))
-        good[-1] ^= 0xFF  # one payload bit: only the checksum can tell
-        txn.put(store.pack_index(6), bytes(good), db=db)
-    env.close()
+    from conftest import replace_stored, stored
+    good = bytearray(stored(mixed_db, 6))
+    good[-1] ^= 0xFF  # one payload bit: only the checksum can tell
+    replace_stored(mixed_db, 6, bytes(good))
     ds = lmdbkit.LMDBDataset(mixed_db)
     with pytest.raises(lmdbkit.CorruptItemError, match=r"mixed.lmdb: item 6: corrupt item.*checksum"):
         ds.__getitems__([1, 6, 7])

@@ -30,7 +30,8 @@ def sample(i: int) -> dict:
 
 
 def write(path, n=40, **kw):
-    with lmdbkit.Writer(path, **kw) as w:
+    """Format 1 (one item per LMDB value) unless pack is given: what is checked is how LMDB's large values are read."""
+    with lmdbkit.Writer(path, **{"pack": False, **kw}) as w:
         for i in range(n):
             w.append(sample(i), key=f"k{i}")
     return path
@@ -281,3 +282,19 @@ def test_freed_batch_memory_is_kept_for_the_next_batch():
     off = dict(os.environ, LMDBKIT_KEEP_HEAP="0")
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, env=off).stdout
     assert out.strip() == "False"
+
+
+def test_packed_runs_read_cold_exactly_asking_once_per_run(tmp_path, requests):
+    path = tmp_path / "packed.lmdb"
+    with lmdbkit.Writer(path) as w:  # 1 KiB items: packed, 15 to a run of four pages
+        for i in range(300):
+            w.append({"x": torch.full((256,), float(i)), "i": i})
+    drop_page_cache(path)
+    order = [int(i) for i in np.random.default_rng(0).permutation(300)]
+    with lmdbkit.Reader(path) as r:
+        assert r.meta["version"] == 2
+        got = r.read_many(order[:150]) + [r[i] for i in order[150:]]
+        assert all(s["i"] == i and torch.equal(s["x"], torch.full((256,), float(i))) for i, s in zip(order, got))
+    # requests only for runs (300 items in 20 runs), each for a whole run of four pages
+    from lmdbkit import runs
+    assert 0 < len({a for a, _ in requests}) <= 20 and all(4096 < n <= runs.RUN_MAX for _, n in requests)

@@ -185,12 +185,8 @@ def test_create_data_loader_prebatches_into_shared_memory(fixed_db, workers):
 
 
 def test_prebatch_names_a_corrupt_item(fixed_db):
-    import lmdb
-    from lmdbkit import store
-    env = lmdb.open(str(fixed_db), max_dbs=16)
-    with env.begin(write=True) as txn:
-        txn.put(store.pack_index(5), b"LK\x01\x00not a header", db=env.open_db(b"items", txn=txn))
-    env.close()
+    from conftest import replace_stored
+    replace_stored(fixed_db, 5, b"LK\x01\x00not a header")
     ds = lmdbkit.LMDBDataset(fixed_db, prebatch=True)
     with pytest.raises(lmdbkit.CorruptItemError, match=r"fixed.lmdb: item 5: corrupt item"):
         ds.__getitems__([1, 5, 7])

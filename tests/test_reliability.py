@@ -491,10 +491,8 @@ def test_absurd_headers_are_corrupt_items_only(tmp_path):
     with lmdbkit.Writer(path) as w:
         for i in range(4):
             w.append({"x": np.zeros(4, np.float32)}, key=f"k{i}")
-    env = lmdb.open(str(path), max_dbs=64)
-    with env.begin(write=True) as txn:
-        txn.put(store.pack_index(2), item([2**20, 2**20], n=16), db=env.open_db(b"items", txn=txn))
-    env.close()
+    from conftest import replace_stored
+    replace_stored(path, 2, item([2**20, 2**20], n=16))
     from lmdbkit.dataset import LMDBDataset
     ds = LMDBDataset(path, prebatch=True)
     with pytest.raises(CorruptItemError, match="item 2"):

@@ -36,7 +36,7 @@ def test_reader_api(small_db):
         assert [k for k, _ in r.items()][:2] == ["k0", "k1"]
         assert [s["i"] for s in r.read_many([5, -1, 0])] == [5, 99, 0]
         m = r.meta
-        assert m["count"] == 100 and m["complete"] is True and m["version"] == 1 and m["index_fields"] == ["label"]
+        assert m["count"] == 100 and m["complete"] is True and m["version"] == 2 and m["index_fields"] == ["label"]
         assert m["schema"]["x"] == {"kind": "array", "dtype": "float32", "ndim": 1}
         assert json.loads((small_db / "metadata.json").read_text())["count"] == 100
         assert isinstance(r[0]["x"], np.ndarray)
@@ -445,11 +445,8 @@ def test_reader_shares_writers_environment(tmp_path):
 
 
 def test_corrupt_item_names_database_and_key(small_db):
-    env = lmdb.open(str(small_db), max_dbs=8)
-    items = env.open_db(b"items")
-    with env.begin(write=True) as txn:
-        txn.put(store.pack_index(4), b"LK\x01\x00garbage", db=items)
-    env.close()
+    from conftest import replace_stored
+    replace_stored(small_db, 4, b"LK\x01\x00garbage")
     r = lmdbkit.Reader(small_db)
     with pytest.raises(CorruptItemError, match=r"small.lmdb: item 4: corrupt item: .*lmdbkit verify"):
         r[4]

@@ -1,0 +1,145 @@
+"""Small items packed in runs (format 2): several encoded items in one LMDB value.
+
+LMDB stores a value of up to ~2 KiB inside a 4 KiB leaf page beside its key and node header, and a larger
+one in whole pages of its own. So a 1 KiB item fills only three quarters of a page (three fit), and an
+item a little over 4 KiB takes two pages. Packed, consecutive items share a value, a *run*, closed when its
+pages are nearly full: 15 items of 1 KiB fill four pages to 99%.
+
+Each item in a run is a whole format-1 item (``codec``: its own header and checksum), so everything that
+decodes, verifies or batches items works on the slices of a run as on values of their own. The items
+table's key of a run is the 8-byte big-endian index of its *last* item: a cursor's ``set_range`` on an
+item's index lands on its run in one lookup. Layout of a run (little-endian)::
+
+    0   magic  b"LR"
+    2   u8     run format version (2)
+    3   u8     flags (reserved, 0)
+    4   u32    n, the items in the run
+    8   u64    xxh3-64 checksum of the ends table
+    16  u32    ends[n]: where item j ends, from the run's start (item j starts where item j-1 ends)
+    ..  zero bytes up to a multiple of 64 (item 0 starts there; a large item keeps its payload's alignment)
+    ..  the items, one after another
+"""
+
+from __future__ import annotations
+
+import struct
+
+import xxhash
+
+from .errors import CorruptItemError
+
+MAGIC = b"LR"
+VERSION = 2
+_HEAD = struct.Struct("<2sBBIQ")
+HEAD_SIZE = _HEAD.size  # 16
+_END = struct.Struct("<I")
+PAGE, PAGE_HEADER = 4096, 16  # LMDB's page, and the header before a large value in its first page
+PACK_MAX = 16 << 10  # Writer(pack=None) packs a database whose first item encodes to at most this
+RUN_MAX = 64 << 10   # a run takes no item that would grow it past this (a bigger item has a run of its own)
+FULL = 1 - 1 / 32    # a run is closed once its pages are this full
+
+
+def header_size(n: int) -> int:
+    """Bytes before a run's first item: the head, the ends table and the pad to a multiple of 64."""
+    return -(-(HEAD_SIZE + 4 * n) // 64) * 64
+
+
+def pack(items: list) -> bytes:
+    """One run of encoded items (at least one)."""
+    n, h = len(items), header_size(len(items))
+    ends, e = [], h
+    for x in items:
+        e += len(x)
+        ends.append(e)
+    table = struct.pack(f"<{n}I", *ends)
+    head = _HEAD.pack(MAGIC, VERSION, 0, n, xxhash.xxh3_64_intdigest(table))
+    return b"".join([head, table, bytes(h - HEAD_SIZE - len(table)), *items])
+
+
+def _bytes(n: int, payload: int) -> int:
+    return header_size(n) + payload
+
+
+def closed(n: int, payload: int) -> bool:
+    """Whether a run of n items of ``payload`` bytes in all is full enough to close (its pages FULL full, or
+    RUN_MAX reached)."""
+    size = PAGE_HEADER + _bytes(n, payload)
+    pages = -(-size // PAGE)
+    return size >= FULL * pages * PAGE or size >= RUN_MAX
+
+
+def fits(n: int, payload: int, item: int) -> bool:
+    """Whether an item of ``item`` bytes may join a run of n items of ``payload`` bytes."""
+    return n == 0 or PAGE_HEADER + _bytes(n + 1, payload + item) <= RUN_MAX
+
+
+def split(sizes: list[int], n0: int = 0, payload0: int = 0) -> list[int]:
+    """How many items each run takes, for items of these sizes following an open run of n0 items of
+    payload0 bytes (which the first count includes). The last run may be left open."""
+    counts, n, payload = [], n0, payload0
+    for s in sizes:
+        if not fits(n, payload, s):
+            counts.append(n)
+            n, payload = 0, 0
+        n, payload = n + 1, payload + s
+        if closed(n, payload):
+            counts.append(n)
+            n, payload = 0, 0
+    if n:
+        counts.append(n)
+    return counts
+
+
+def _corrupt(reason: str) -> CorruptItemError:
+    return CorruptItemError(f"run of packed items: {reason}")
+
+
+def count(run) -> int:
+    """The items in a run, after checking its head."""
+    if len(run) < HEAD_SIZE:
+        raise _corrupt(f"{len(run)} bytes is shorter than the {HEAD_SIZE}-byte head")
+    magic, version, _flags, n, _ = _HEAD.unpack_from(run, 0)
+    if magic != MAGIC:
+        raise _corrupt(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
+    if version != VERSION:
+        raise _corrupt(f"run format version {version}, this lmdbkit reads version {VERSION}")
+    if n == 0 or header_size(n) > len(run):
+        raise _corrupt(f"{n} items do not fit its {len(run)} bytes")
+    return n
+
+
+def table_ok(run) -> bool:
+    """Whether the ends table matches its checksum."""
+    n = count(run)
+    return xxhash.xxh3_64_intdigest(memoryview(run)[HEAD_SIZE:HEAD_SIZE + 4 * n]) == _HEAD.unpack_from(run, 0)[4]
+
+
+def item(run, last: int, i: int, *, verify: bool = False) -> memoryview:
+    """Item ``i``'s bytes in the run whose last item is ``last``: a slice of ``run`` (no copy)."""
+    n = count(run)
+    j = i - (last - n + 1)
+    if not 0 <= j < n:
+        raise _corrupt(f"item {i} is not among its {n} items (the last is {last})")
+    if verify and not table_ok(run):
+        raise _corrupt("checksum mismatch in its table of item ends")
+    start = _END.unpack_from(run, HEAD_SIZE + 4 * (j - 1))[0] if j else header_size(n)
+    end = _END.unpack_from(run, HEAD_SIZE + 4 * j)[0]
+    if not header_size(n) <= start <= end <= len(run):
+        raise _corrupt(f"item {i} spans bytes {start}..{end} of {len(run)}")
+    return memoryview(run)[start:end]
+
+
+def items(run, *, verify: bool = False) -> list[memoryview]:
+    """Every item's bytes in a run, in order; CorruptItemError if its table is inconsistent."""
+    n = count(run)
+    if verify and not table_ok(run):
+        raise _corrupt("checksum mismatch in its table of item ends")
+    ends = struct.unpack_from(f"<{n}I", run, HEAD_SIZE)
+    view, start = memoryview(run), header_size(n)
+    out = []
+    for end in ends:
+        if not start <= end <= len(run):
+            raise _corrupt(f"an item spans bytes {start}..{end} of {len(run)}")
+        out.append(view[start:end])
+        start = end
+    return out
