@@ -50,6 +50,15 @@ MADV_WILLNEED = 3
 COLD_NS = 10_000  # a lookup slower than this read the value's first page from the disk (a cached page: ~1 us)
 
 
+def major_faults() -> tuple[int, int]:
+    """(pid, page faults this process waited on the disk for so far): (pid, 0) where that is not counted."""
+    try:
+        import resource
+        return os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    except (ImportError, OSError):
+        return os.getpid(), 0
+
+
 def _libc_madvise():
     """madvise from the C library, or None where it is not there to call."""
     if not sys.platform.startswith("linux"):
@@ -174,6 +183,7 @@ class Prefetcher:
         self.finished = finished
         self.leaves = Leaves() if finished and self.enabled else None
         self._cold = False  # whether the last lookup went to the disk (so the next one likely will)
+        self._faults = major_faults()  # for packed runs: see _value
 
     def large(self, txn, db) -> bool:
         """Whether the table (the items table: one per environment) holds values in overflow pages; looked at
@@ -193,8 +203,14 @@ class Prefetcher:
 
     def get_run(self, txn, db, key: bytes):
         """(key, value) of the first key at or after ``key`` (a packed table's run, see ``runs``), or None."""
-        self.large(txn, db)  # whether hints can help
         cursor = txn.cursor(db=db)
+        if not self._cold:  # as _runs does
+            t0 = perf_counter_ns()
+            found = cursor.item() if cursor.set_range(key) else None
+            if perf_counter_ns() - t0 > COLD_NS and self._faulted():
+                self._cold = True
+            return found
+        self.large(txn, db)  # whether hints can help
         if not self._lookup(cursor, key, ranged=True):
             return None
         return cursor.key(), self._value(cursor)
@@ -210,6 +226,8 @@ class Prefetcher:
         """
         if not self.large(txn, db) and not ranged:
             return [txn.get(k, db=db) for k in keys]
+        if ranged and not self._cold:
+            return self._runs(txn, db, keys)
         cursor = txn.cursor(db=db)
         find = cursor.set_range if ranged else cursor.set_key
         take = (lambda: (cursor.key(), self._value(cursor))) if ranged else cursor.value
@@ -230,12 +248,26 @@ class Prefetcher:
             out.append(take())  # a warm value: taken where the lookup left the cursor
         return out
 
+    def _runs(self, txn, db, keys: list[bytes]) -> list:
+        """get_many(ranged=True) while the disk seems warm, in as few steps a key as possible: each lookup and
+        take timed together, until one is slow and met a major page fault (then get_many goes on, cold)."""
+        cursor = txn.cursor(db=db)
+        find, take, now, out = cursor.set_range, cursor.item, perf_counter_ns, []
+        for n, k in enumerate(keys):
+            t0 = now()
+            out.append(take() if find(k) else None)
+            if now() - t0 > COLD_NS and self._faulted():
+                self._cold = True
+                return out + self.get_many(txn, db, keys[n + 1:], ranged=True)
+        return out
+
     def _lookup(self, cursor, key: bytes, ranged: bool = False) -> bool:
         """Put the cursor on ``key`` (False if absent), first asking the disk for the value's pages when the
         last lookup went to the disk and the key's leaf is known, else after a lookup that went to the disk.
 
-        ``ranged``: on the first key at or after ``key``. A packed table's few leaf pages stay cached, so its
-        lookups seldom wait: there, a value that was slow to take (``_value``) also says the disk is cold."""
+        ``ranged``: on the first key at or after ``key`` (a packed table's run). py-lmdb touches a run's pages in
+        the lookup or in taking the value; either counts as cold only when it was slow and the process met a major
+        page fault (``_value``), and then the next runs are asked for as well."""
         asked = False
         if self._cold and self.leaves is not None and not ranged:
             found = self.leaves.span(key)
@@ -244,18 +276,26 @@ class Prefetcher:
         t0 = perf_counter_ns()
         if not (cursor.set_range(key) if ranged else cursor.set_key(key)):
             return False
-        slow = perf_counter_ns() - t0 > COLD_NS
+        slow = perf_counter_ns() - t0 > COLD_NS and (not ranged or self._faulted())
         self._cold = slow or (ranged and self._cold)
         if self._cold and not asked and (not ranged or self._large):
             self.hint(cursor)
         return True
 
     def _value(self, cursor):
-        """The cursor's value, noting whether taking it (py-lmdb touches each of its pages) waited for the disk."""
+        """The cursor's value, noting whether taking it (py-lmdb touches each of its pages) waited for the disk:
+        a slow take whose process met a major page fault since the last one did. (A slow take alone does not
+        tell: the first touch of a cached page in a process is a minor fault, ~1 us a page, and a scheduler
+        pause looks the same.)"""
         t0 = perf_counter_ns()
         value = cursor.value()
-        self._cold = perf_counter_ns() - t0 > COLD_NS
+        self._cold = perf_counter_ns() - t0 > COLD_NS and self._faulted()
         return value
+
+    def _faulted(self) -> bool:
+        """Whether this process met a major page fault since the last time this was asked."""
+        before, self._faults = self._faults, major_faults()
+        return before[0] == self._faults[0] and self._faults[1] > before[1]
 
     def _hint_keys(self, job: tuple) -> None:
         """In a pool thread: ask for the values of some keys, then wait until they are in (py-lmdb's preload)."""

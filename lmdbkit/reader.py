@@ -244,7 +244,13 @@ class Reader:
             return txn.get(str(i).encode())
         if not self._packed:
             return self._fetch.get(txn, self._items, store.pack_index(i))
-        return self._in_run(self._fetch.get_run(txn, self._items, store.pack_index(i)), i)
+        found = self._fetch.get_run(txn, self._items, store.pack_index(i))
+        if found is None:
+            return None
+        try:
+            return runs.item(found[1], int.from_bytes(found[0], "big"), i, self.verify)
+        except CorruptItemError as exc:
+            raise exc.at(self.path, i) from exc
 
     def _raw_many(self, txn, indices: list[int]) -> list:
         """The stored bytes of several items, their disk reads in flight together (see ``prefetch``)."""
@@ -253,17 +259,19 @@ class Reader:
         keys = list(map(store.pack_index, indices))
         if not self._packed:
             return self._fetch.get_many(txn, self._items, keys)
-        return [self._in_run(found, i) for found, i in zip(self._fetch.get_many(txn, self._items, keys, ranged=True),
-                                                           indices)]
+        return self._in_runs(self._fetch.get_many(txn, self._items, keys, ranged=True), indices)
 
-    def _in_run(self, found, i: int):
-        """Item ``i``'s bytes in the (key, run) a ranged lookup found, or None (no such run)."""
-        if found is None:
-            return None
+    def _in_runs(self, found: list, indices: list[int]) -> list:
+        """Each item's bytes in the (key, run) a ranged lookup found for it, or None (no such run)."""
         try:
-            return runs.item(found[1], store.unpack_index(found[0]), i, verify=self.verify)
-        except CorruptItemError as exc:
-            raise exc.at(self.path, i) from exc
+            return runs.slices(found, indices, self.verify)
+        except CorruptItemError:
+            for f, i in zip(found, indices):  # which one: named
+                try:
+                    runs.slices([f], [i], self.verify)
+                except CorruptItemError as exc:
+                    raise exc.at(self.path, i) from exc
+            raise  # not reached: the same items fail again
 
     def __getitem__(self, i: int) -> dict:
         j = self._norm(i)

@@ -14,8 +14,8 @@ item's index lands on its run in one lookup. Layout of a run (little-endian)::
     2   u8     run format version (2)
     3   u8     flags (reserved, 0)
     4   u32    n, the items in the run
-    8   u64    xxh3-64 checksum of the ends table
-    16  u32    ends[n]: where item j ends, from the run's start (item j starts where item j-1 ends)
+    8   u64    xxh3-64 checksum of the table of starts
+    16  u32    starts[n + 1]: where item j starts, from the run's start (and where the last one ends)
     ..  zero bytes up to a multiple of 64 (item 0 starts there; a large item keeps its payload's alignment)
     ..  the items, one after another
 """
@@ -32,7 +32,7 @@ MAGIC = b"LR"
 VERSION = 2
 _HEAD = struct.Struct("<2sBBIQ")
 HEAD_SIZE = _HEAD.size  # 16
-_END = struct.Struct("<I")
+_SPAN = struct.Struct("<II")  # where item j starts and where it ends (item j + 1 starts)
 PAGE, PAGE_HEADER = 4096, 16  # LMDB's page, and the header before a large value in its first page
 PACK_MAX = 16 << 10  # Writer(pack=None) packs a database whose first item encodes to at most this
 RUN_MAX = 64 << 10   # a run takes no item that would grow it past this (a bigger item has a run of its own)
@@ -40,18 +40,21 @@ FULL = 1 - 1 / 32    # a run is closed once its pages are this full
 
 
 def header_size(n: int) -> int:
-    """Bytes before a run's first item: the head, the ends table and the pad to a multiple of 64."""
-    return -(-(HEAD_SIZE + 4 * n) // 64) * 64
+    """Bytes before a run's first item: the head, the table of starts and the pad to a multiple of 64."""
+    return -(-(_table_end(n)) // 64) * 64
+
+
+def _table_end(n: int) -> int:
+    return HEAD_SIZE + 4 * (n + 1)
 
 
 def pack(items: list) -> bytes:
     """One run of encoded items (at least one)."""
     n, h = len(items), header_size(len(items))
-    ends, e = [], h
+    starts = [h]
     for x in items:
-        e += len(x)
-        ends.append(e)
-    table = struct.pack(f"<{n}I", *ends)
+        starts.append(starts[-1] + len(x))
+    table = struct.pack(f"<{n + 1}I", *starts)
     head = _HEAD.pack(MAGIC, VERSION, 0, n, xxhash.xxh3_64_intdigest(table))
     return b"".join([head, table, bytes(h - HEAD_SIZE - len(table)), *items])
 
@@ -109,37 +112,52 @@ def count(run) -> int:
 
 
 def table_ok(run) -> bool:
-    """Whether the ends table matches its checksum."""
+    """Whether the table of starts matches its checksum."""
     n = count(run)
-    return xxhash.xxh3_64_intdigest(memoryview(run)[HEAD_SIZE:HEAD_SIZE + 4 * n]) == _HEAD.unpack_from(run, 0)[4]
+    return xxhash.xxh3_64_intdigest(memoryview(run)[HEAD_SIZE:_table_end(n)]) == _HEAD.unpack_from(run, 0)[4]
 
 
-def item(run, last: int, i: int, *, verify: bool = False) -> memoryview:
-    """Item ``i``'s bytes in the run whose last item is ``last``: a slice of ``run`` (no copy)."""
+def item(run, last: int, i: int, verify: bool = False) -> memoryview:
+    """Item ``i``'s bytes in the run whose last item is ``last``: a slice of ``run`` (no copy). This runs for
+    every item read: the common case in as few steps as possible, ``_explain`` for the error."""
+    try:
+        magic, version, _flags, n, checksum = _HEAD.unpack_from(run, 0)
+        j = i - last + n - 1
+        if magic == MAGIC and version == VERSION and 0 <= j < n:
+            start, end = _SPAN.unpack_from(run, HEAD_SIZE + 4 * j)
+            if HEAD_SIZE + 4 * (n + 1) <= start <= end <= len(run) and (
+                    not verify or xxhash.xxh3_64_intdigest(run[HEAD_SIZE:HEAD_SIZE + 4 * (n + 1)]) == checksum):
+                return (run if type(run) is memoryview else memoryview(run))[start:end]
+    except struct.error:
+        pass
+    _explain(run, last, i, verify)
+
+
+def _explain(run, last: int, i: int, verify: bool) -> None:
+    """Raise the precise CorruptItemError for an item that ``item`` could not take from its run."""
     n = count(run)
     j = i - (last - n + 1)
     if not 0 <= j < n:
         raise _corrupt(f"item {i} is not among its {n} items (the last is {last})")
     if verify and not table_ok(run):
-        raise _corrupt("checksum mismatch in its table of item ends")
-    start = _END.unpack_from(run, HEAD_SIZE + 4 * (j - 1))[0] if j else header_size(n)
-    end = _END.unpack_from(run, HEAD_SIZE + 4 * j)[0]
-    if not header_size(n) <= start <= end <= len(run):
-        raise _corrupt(f"item {i} spans bytes {start}..{end} of {len(run)}")
-    return memoryview(run)[start:end]
+        raise _corrupt("checksum mismatch in its table of item starts")
+    start, end = _SPAN.unpack_from(run, HEAD_SIZE + 4 * j)
+    raise _corrupt(f"item {i} spans bytes {start}..{end} of {len(run)}")
+
+
+def slices(found: list, indices: list[int], verify: bool = False) -> list:
+    """``item`` for each (8-byte big-endian key, run) that a lookup found for each index (None stays None)."""
+    return [None if f is None else item(f[1], int.from_bytes(f[0], "big"), i, verify)
+            for f, i in zip(found, indices)]
 
 
 def items(run, *, verify: bool = False) -> list[memoryview]:
     """Every item's bytes in a run, in order; CorruptItemError if its table is inconsistent."""
     n = count(run)
     if verify and not table_ok(run):
-        raise _corrupt("checksum mismatch in its table of item ends")
-    ends = struct.unpack_from(f"<{n}I", run, HEAD_SIZE)
-    view, start = memoryview(run), header_size(n)
-    out = []
-    for end in ends:
-        if not start <= end <= len(run):
-            raise _corrupt(f"an item spans bytes {start}..{end} of {len(run)}")
-        out.append(view[start:end])
-        start = end
-    return out
+        raise _corrupt("checksum mismatch in its table of item starts")
+    starts = struct.unpack_from(f"<{n + 1}I", run, HEAD_SIZE)
+    if not (_table_end(n) <= starts[0] and all(a <= b for a, b in zip(starts, starts[1:])) and starts[-1] <= len(run)):
+        raise _corrupt(f"its table of item starts {list(starts)[:8]} does not fit its {len(run)} bytes")
+    view = memoryview(run)
+    return [view[a:b] for a, b in zip(starts, starts[1:])]

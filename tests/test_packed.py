@@ -109,19 +109,19 @@ def test_a_damaged_run_is_a_corrupt_item_never_another_items_bytes(tmp_path):
     with env.begin(write=True) as txn:
         db = env.open_db(b"items", txn=txn)
         run = bytearray(txn.get(store.pack_index(14), db=db))
-        run[16 + 4 * 3:16 + 4 * 4] = run[16 + 4 * 5:16 + 4 * 6]  # item 3's end moved onto item 5's
+        run[16 + 4 * 4:16 + 4 * 5] = run[16 + 4 * 6:16 + 4 * 7]  # item 3's end moved onto item 5's
         txn.put(store.pack_index(14), bytes(run), db=db)
         txn.put(store.pack_index(29), b"LR\x02\x00", db=db)  # a run cut short
     env.close()
     with lmdbkit.Reader(path, verify=True) as r:
-        with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 3: .*checksum mismatch in its table"):
+        with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 3: .*checksum mismatch in its table of item starts"):
             r[3]
         with pytest.raises(CorruptItemError, match=r"item 20: .*shorter than the 16-byte head"):
             r.read_many([30, 20])
         assert r[30]["x"][0] == 30 and r[39]["x"][0] == 39
     rep = lmdbkit.verify(path, progress=False)
     texts = [p["problem"] for p in rep.problems]
-    assert not rep.ok and any("table of item ends" in t for t in texts) and any("15..29 are unreadable" in t for t in texts)
+    assert not rep.ok and any("table of item starts" in t for t in texts) and any("15..29 are unreadable" in t for t in texts)
 
 
 def test_default_keys_are_implicit_and_still_unique(tmp_path):
