@@ -17,7 +17,7 @@ from .codec import decode, encode
 from .reader import Reader
 from .writer import Writer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public names that live in modules needing torch (or other optional packages): name -> module
 _LAZY = {

@@ -17,6 +17,10 @@ while reads keep going to the disk, each next value is asked for (first page too
 one request per value instead of two in a row. A batch's lookups run in a pool of threads, so all of its
 reads are in flight together and the disk works at depth.
 
+A packed table (format 2, ``runs``) is looked up by range (its keys are each run's last index), and its few
+leaf pages stay cached; so there the disk is told cold by a lookup or take of a run that was slow and met a
+major page fault, and each cold run is then asked for whole, with the rest of its batch, the same way.
+
 The hints never change what is read: the bytes still come through LMDB's own pointer. This module reads
 only bytes of leaf pages inside those pages, at addresses LMDB gave (a key's) in a map that does not move
 (remembered leaves are only kept for finished databases read without a lock, and dropped if the map is
@@ -116,17 +120,20 @@ class Leaves:
                     self._known.add(page)
                     bisect.insort(self._pages, (first[0], last[0], page, number))
 
-    def span(self, key: bytes) -> tuple[int, int] | None:
-        """(address, length) of the overflow pages of the value under ``key``, if its leaf is known."""
+    def span(self, key: bytes, ranged: bool = False) -> tuple[int, int] | None:
+        """(address, length) of the overflow pages of the value under ``key`` (``ranged``: under the first key
+        at or after it), if its leaf is known."""
         i = bisect.bisect_right(self._pages, key, key=itemgetter(0)) - 1
         if i < 0 or len(key) != KEY_SIZE:
             return None
         first, last, page, number = self._pages[i]
         if not first <= key <= last:
             return None
-        # the items table's keys are consecutive integers, so a key's node is at its distance from the first
-        node = _leaf_node(page, int.from_bytes(key, "big") - int.from_bytes(first, "big"))
-        if node is None or node[0] != key or node[1] is None:
+        if ranged:  # a packed table's keys are its runs' last indices: the first node at or after the key
+            node = _first_at_or_after(page, key)
+        else:  # the items table's keys are consecutive integers, so a key's node is at its distance from the first
+            node = _leaf_node(page, int.from_bytes(key, "big") - int.from_bytes(first, "big"))
+        if node is None or (node[0] != key and not ranged) or node[1] is None:
             return None
         _, first_page, size = node
         return page + (first_page - number) * OS_PAGE, PAGE_HEADER_SIZE + size
@@ -156,6 +163,21 @@ def _leaf_node(page: int, j: int) -> tuple[bytes, int | None, int] | None:
     if ksize != KEY_SIZE:
         return None
     return key, pgno if flags & F_BIGDATA else None, lo | hi << 16
+
+
+def _first_at_or_after(page: int, key: bytes) -> tuple[bytes, int | None, int] | None:
+    """``_leaf_node`` of the first node of a leaf page whose key is at or after ``key`` (binary search)."""
+    lo, hi = 0, _keys_in_leaf(page)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        node = _leaf_node(page, mid)
+        if node is None:
+            return None
+        if node[0] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return _leaf_node(page, lo)
 
 
 class Prefetcher:
@@ -211,9 +233,10 @@ class Prefetcher:
                 self._cold = True
             return found
         self.large(txn, db)  # whether hints can help
+        t0 = perf_counter_ns()
         if not self._lookup(cursor, key, ranged=True):
             return None
-        return cursor.key(), self._value(cursor)
+        return cursor.key(), self._value(cursor, t0)
 
     def get_many(self, txn, db, keys: list[bytes], *, ranged: bool = False) -> list:
         """The values under ``keys`` (None where absent), every large value's read requested before the first
@@ -230,7 +253,7 @@ class Prefetcher:
             return self._runs(txn, db, keys)
         cursor = txn.cursor(db=db)
         find = cursor.set_range if ranged else cursor.set_key
-        take = (lambda: (cursor.key(), self._value(cursor))) if ranged else cursor.value
+        take = (lambda: (cursor.key(), self._value(cursor, perf_counter_ns()))) if ranged else cursor.value
         out = []
         for n, k in enumerate(keys):
             if not self._lookup(cursor, k, ranged):
@@ -269,8 +292,8 @@ class Prefetcher:
         the lookup or in taking the value; either counts as cold only when it was slow and the process met a major
         page fault (``_value``), and then the next runs are asked for as well."""
         asked = False
-        if self._cold and self.leaves is not None and not ranged:
-            found = self.leaves.span(key)
+        if self._cold and self.leaves is not None:
+            found = self.leaves.span(key, ranged)
             if found is not None:
                 asked = self._advise(*found)
         t0 = perf_counter_ns()
@@ -282,14 +305,15 @@ class Prefetcher:
             self.hint(cursor)
         return True
 
-    def _value(self, cursor):
-        """The cursor's value, noting whether taking it (py-lmdb touches each of its pages) waited for the disk:
-        a slow take whose process met a major page fault since the last one did. (A slow take alone does not
-        tell: the first touch of a cached page in a process is a minor fault, ~1 us a page, and a scheduler
-        pause looks the same.)"""
-        t0 = perf_counter_ns()
+    def _value(self, cursor, since: int):
+        """The cursor's value, noting whether reading it (its lookup from ``since``, then the take: py-lmdb
+        touches each of the value's pages) waited for the disk: warm data turns cold on a slow read whose process
+        met a major page fault since the last look (a slow read alone does not tell: the first touch of a cached
+        page in a process is a minor fault, ~1 us a page, and a scheduler pause looks the same); cold data turns
+        warm on a fast read."""
         value = cursor.value()
-        self._cold = perf_counter_ns() - t0 > COLD_NS and self._faulted()
+        # cold stays cold while reads wait (a page that a hint is reading in is waited for as a minor fault)
+        self._cold = perf_counter_ns() - since > COLD_NS and (self._cold or self._faulted())
         return value
 
     def _faulted(self) -> bool:

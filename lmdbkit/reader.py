@@ -179,6 +179,7 @@ class Reader:
         if not self._complete:
             self._meta = store.read_meta(self._handle()) or self._meta
             self._complete = bool(self._meta.get("complete"))
+            self._packed = store.packed(self._meta)  # a writer settles it with its first item
         return self._meta
 
     @property

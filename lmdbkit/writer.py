@@ -185,7 +185,7 @@ class Writer:
       compression:   None (default) or one of codec.COMPRESSORS.
       pack:          pack items into runs (format 2, see ``runs``): None (default) packs when the first item
                      encodes to at most runs.PACK_MAX (16 KiB), where one item per LMDB value wastes its pages;
-                     False writes format 1 (one item per value, also read by lmdbkit before 0.3); True packs.
+                     False writes format 1 (one item per value, what lmdbkit 0.1 reads); True packs.
                      A packed database keeps no keys-table entry for an item under its default key.
     """
 

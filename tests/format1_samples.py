@@ -1,4 +1,4 @@
-"""The samples of tests/data/format1.lmdb, a database written by lmdbkit 0.2 (format 1, commit f59a00f) with
+"""The samples of tests/data/format1.lmdb, a database written by lmdbkit 0.1 (format 1, commit f59a00f) with
 ``python tests/format1_samples.py tests/data/format1.lmdb``: every dtype, 0-d, empty and n-d arrays, nested
 metadata, small items and one large one."""
 

@@ -125,7 +125,7 @@ def test_after_one_cold_lookup_values_are_asked_for_before_lmdb_looks_them_up(tm
     drop_page_cache(path)
     with lmdbkit.Reader(path) as r:
         found, learned = [], r._fetch.leaves.span
-        r._fetch.leaves.span = lambda key: found.append(learned(key)) or found[-1]
+        r._fetch.leaves.span = lambda key, ranged=False: found.append(learned(key, ranged)) or found[-1]
         for i in (8, 13, 18, 23):  # the first lookup learns the leaf; the others are asked for before LMDB's
             assert same(r[i], 5 * i + 3)
         with r._txn() as txn:
@@ -298,3 +298,21 @@ def test_packed_runs_read_cold_exactly_asking_once_per_run(tmp_path, requests):
     # requests only for runs (300 items in 20 runs), each for a whole run of four pages
     from lmdbkit import runs
     assert 0 < len({a for a, _ in requests}) <= 20 and all(4096 < n <= runs.RUN_MAX for _, n in requests)
+
+
+def test_leaves_of_a_packed_table_find_the_run_of_any_index(tmp_path):
+    path = tmp_path / "packed.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for i in range(3000):  # 200 runs: the run keys fill more than one leaf page
+            w.append({"x": torch.full((256,), float(i))})
+    drop_page_cache(path)
+    with lmdbkit.Reader(path) as r:
+        r.read_many(list(range(0, 3000, 7)))  # cold: the leaves are learned
+        leaves = r._fetch.leaves
+        with r._txn() as txn:
+            cursor = txn.cursor(db=r._items)
+            for i in range(0, 3000, 13):
+                cursor.set_range(store.pack_index(i))
+                want = r._fetch.span(cursor)
+                assert leaves.span(store.pack_index(i), ranged=True) in (want, None)
+        assert sum(leaves.span(store.pack_index(i), ranged=True) is not None for i in range(3000)) > 2500

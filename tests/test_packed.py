@@ -38,7 +38,7 @@ def format1(tmp_path):
     return path
 
 
-def test_a_database_written_by_lmdbkit_0_2_reads_appends_and_verifies(format1):
+def test_a_database_written_by_lmdbkit_0_1_reads_appends_and_verifies(format1):
     want = format1_samples.samples()
     with lmdbkit.Reader(format1, decode_to="numpy") as r:
         assert r.meta["version"] == 1 and len(r) == len(want)
@@ -203,3 +203,16 @@ def test_dataloader_workers_read_packed_and_unpacked_alike(tmp_path, context, pa
         seen += b["i"].tolist()
     assert sorted(seen) == list(range(100))
     ds.close()
+
+
+def test_a_reader_opened_before_the_first_item_follows_the_writers_packing(tmp_path):
+    path = tmp_path / "db.lmdb"
+    w = lmdbkit.Writer(path)
+    r = lmdbkit.Reader(path)  # format 1 so far: nothing is written
+    assert len(r) == 0 and r.meta["version"] == 1
+    for i in range(20):
+        w.append({"x": np.full(256, i, np.float32)})
+    w.commit()
+    assert len(r) == 20 and r.meta["version"] == 2 and r[19]["x"][0] == 19 and r.index_of("7") == 7
+    w.close()
+    r.close()
