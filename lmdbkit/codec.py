@@ -324,15 +324,22 @@ def _corrupt(reason: str) -> CorruptItemError:
     return CorruptItemError(reason)
 
 
+def unpack_head(buf, layout: struct.Struct, magic: bytes, version: int, what: str) -> tuple:
+    """The fields of a head that starts with magic and a version byte (an item's prefix, a run's head), after
+    checking its length, magic and version."""
+    if len(buf) < layout.size:
+        raise _corrupt(f"{len(buf)} bytes is shorter than the {layout.size}-byte {what}")
+    fields = layout.unpack_from(buf, 0)
+    if fields[0] != magic:
+        raise _corrupt(f"bad magic {bytes(fields[0])!r} in the {what} (expected {magic!r})")
+    if fields[1] != version:
+        raise _corrupt(f"the {what} says format version {fields[1]}; this lmdbkit reads version {version}")
+    return fields
+
+
 def read_prefix(buf) -> tuple[int, int]:
     """(header length, stored checksum), after checking magic, version and bounds."""
-    if len(buf) < PREFIX_SIZE:
-        raise _corrupt(f"{len(buf)} bytes is shorter than the {PREFIX_SIZE}-byte item prefix")
-    magic, version, _flags, hlen, checksum = _PREFIX.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise _corrupt(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
-    if version != VERSION:
-        raise _corrupt(f"item format version {version}, this lmdbkit reads version {VERSION}")
+    _magic, _version, _flags, hlen, checksum = unpack_head(buf, _PREFIX, MAGIC, VERSION, "item prefix")
     if PREFIX_SIZE + hlen > len(buf):
         raise _corrupt(f"header length {hlen} runs past the end of the {len(buf)}-byte item")
     return hlen, checksum

@@ -26,6 +26,7 @@ import struct
 
 import xxhash
 
+from . import codec
 from .errors import CorruptItemError
 
 MAGIC = b"LR"
@@ -99,13 +100,10 @@ def _corrupt(reason: str) -> CorruptItemError:
 
 def count(run) -> int:
     """The items in a run, after checking its head."""
-    if len(run) < HEAD_SIZE:
-        raise _corrupt(f"{len(run)} bytes is shorter than the {HEAD_SIZE}-byte head")
-    magic, version, _flags, n, _ = _HEAD.unpack_from(run, 0)
-    if magic != MAGIC:
-        raise _corrupt(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
-    if version != VERSION:
-        raise _corrupt(f"run format version {version}, this lmdbkit reads version {VERSION}")
+    try:
+        n = codec.unpack_head(run, _HEAD, MAGIC, VERSION, "head")[3]
+    except CorruptItemError as exc:
+        raise _corrupt(exc.reason) from None
     if n == 0 or header_size(n) > len(run):
         raise _corrupt(f"{n} items do not fit its {len(run)} bytes")
     return n
