@@ -60,27 +60,23 @@ def pack(items: list) -> bytes:
     return b"".join([head, table, bytes(h - HEAD_SIZE - len(table)), *items])
 
 
-def _bytes(n: int, payload: int) -> int:
-    return header_size(n) + payload
-
-
 def closed(n: int, payload: int) -> bool:
     """Whether a run of n items of ``payload`` bytes in all is full enough to close (its pages FULL full, or
     RUN_MAX reached)."""
-    size = PAGE_HEADER + _bytes(n, payload)
+    size = PAGE_HEADER + header_size(n) + payload
     pages = -(-size // PAGE)
     return size >= FULL * pages * PAGE or size >= RUN_MAX
 
 
 def fits(n: int, payload: int, item: int) -> bool:
     """Whether an item of ``item`` bytes may join a run of n items of ``payload`` bytes."""
-    return n == 0 or PAGE_HEADER + _bytes(n + 1, payload + item) <= RUN_MAX
+    return n == 0 or PAGE_HEADER + header_size(n + 1) + payload + item <= RUN_MAX
 
 
-def split(sizes: list[int], n0: int = 0, payload0: int = 0) -> list[int]:
-    """How many items each run takes, for items of these sizes following an open run of n0 items of
-    payload0 bytes (which the first count includes). The last run may be left open."""
-    counts, n, payload = [], n0, payload0
+def split(sizes: list[int]) -> list[int]:
+    """How many items each run takes, for consecutive items of these sizes from a run's start. The last run
+    may be left open (not ``closed``): the writer extends it at its next commit."""
+    counts, n, payload = [], 0, 0
     for s in sizes:
         if not fits(n, payload, s):
             counts.append(n)
