@@ -567,6 +567,11 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
             from .bench_cold import bench_cold
             bar.set_postfix_str(f"cold reads ({cold_gb:g} GB)")
             results += bench_cold(work / "cold", gb=cold_gb, reads=cold_reads, rounds=cold_rounds, with_pt=with_pt)
+            if n_small:
+                from .bench_cold import bench_cold_small
+                bar.set_postfix_str("cold reads, small items packed and not")
+                results += bench_cold_small(work / "cold-small", n=n_small, reads=min(n_small, 4 * cold_reads),
+                                            rounds=cold_rounds)
             bar.update()
         bar.set_postfix_str("open")
         results += bench_open(list(open_counts), work, with_pt=with_pt)

@@ -211,6 +211,48 @@ def bench_cold(workdir: Path, *, gb: float = 0.25, reads: int = 512, epoch_items
     return res
 
 
+SMALL = "small1k"
+SMALL_BATCH = 256
+
+
+def bench_cold_small(workdir: Path, *, n: int, reads: int = 2048, rounds: int = 3) -> list[Result]:
+    """Cold and warm items/s of ~1 KiB items packed in runs (format 2, what a Writer makes of them:
+    ``lmdbkit_packed``) against the same items one per LMDB value (``pack=False``: ``lmdbkit_format1``), read
+    by a Reader one at a time and in batches of SMALL_BATCH, both databases dropped from the page cache before
+    each cold timing; the median of rounds. What packing costs a cold read: its run's pages, not one page."""
+    from .bench import write_lmdbkit
+    workdir = Path(workdir)
+    samples = make_samples(SMALL, n)
+    paths = {"lmdbkit_packed": workdir / "small-packed.lmdb", "lmdbkit_format1": workdir / "small-format1.lmdb"}
+    for method, p in paths.items():
+        write_lmdbkit(p, samples, pack=method == "lmdbkit_packed", durable=False)
+    item_mib = samples[0][ITEM_KINDS[SMALL]["field"]].nbytes / 2**20
+    order = np.random.default_rng(12).permutation(n)[:reads].tolist()
+    dropped = []
+
+    def drop():
+        dropped.append(all([drop_page_cache(p) for p in paths.values()]))
+    got: dict[tuple[str, str], list] = {}
+    for _ in range(rounds):
+        for mode in ("single", f"batch{SMALL_BATCH}"):
+            for method, p in paths.items():
+                got.setdefault((mode, method), []).append(
+                    _timed(mode, lambda p=p: Reader(p, decode_to="torch"), order, SMALL_BATCH, drop))
+    field = ITEM_KINDS[SMALL]["field"]
+    for p in paths.values():  # both hold the same items
+        with Reader(p, decode_to="torch") as r:
+            if not all(r[i][field].equal(samples[i][field]) for i in order[:16]):
+                raise AssertionError(f"{p}: items read back differ from those written")
+    res = []
+    for (mode, method), timings in got.items():
+        for i, temp in enumerate(("cold", "warm")):
+            ips = float(np.median([t[i] for t in timings]))
+            res.append(Result(f"{temp}_{mode}", SMALL, method, ips, "items/s",
+                              {"MiB/s": ips * item_mib, "items": n, "rounds": rounds, "fadvise_dontneed": all(dropped)}))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
 class _Batched:
     """A reader with read_many for the baselines that have none (one item after another)."""
 
@@ -238,6 +280,11 @@ def ratios(results: list[Result]) -> dict[str, float]:
                 b = v.get((f"{temp}_{mode}", base))
                 if lk and b:
                     out[f"{temp}_{mode}/{KIND}: lmdbkit / {base}"] = lk / b
+        small = {(r.measure, r.method): r.value for r in results if r.kind == SMALL}
+        for mode in ("single", f"batch{SMALL_BATCH}"):
+            a, b = small.get((f"{temp}_{mode}", "lmdbkit_packed")), small.get((f"{temp}_{mode}", "lmdbkit_format1"))
+            if a and b:
+                out[f"{temp}_{mode}/{SMALL}: lmdbkit_packed / lmdbkit_format1"] = a / b
     return out
 
 

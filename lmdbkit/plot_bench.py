@@ -130,7 +130,7 @@ def bench_cold(summary: dict):
     """MiB/s of each way of reading ~256 KiB items, cold (page cache dropped) beside warm, lmdbkit against the
     disk's limits for the same bytes and the older ways; None when the cold section did not run."""
     plt = _plt()
-    res = [r for r in summary["results"] if r["measure"].split("_")[0] in ("cold", "warm")]
+    res = [r for r in summary["results"] if r["measure"].split("_")[0] in ("cold", "warm") and r["kind"] == "stft256k"]
     if not res:
         return None
     methods = ["lmdbkit", "pread_1thread", "pread_16threads", "pickle_lmdb", "pt_batches"]

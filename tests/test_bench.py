@@ -30,6 +30,10 @@ def test_run_produces_every_measure_ratio_target_and_figure(tmp_path):
             assert (f"{temp}_batch64", "stft256k", m) in got
         for m in ("lmdbkit", "pread_16threads", "pickle_lmdb"):
             assert (f"{temp}_dataloader", "stft256k", m) in got
+    for temp in ("cold", "warm"):  # small items, packed and one per value
+        for m in ("lmdbkit_packed", "lmdbkit_format1"):
+            assert (f"{temp}_single", "small1k", m) in got and (f"{temp}_batch256", "small1k", m) in got
+        assert f"{temp}_batch256/small1k: lmdbkit_packed / lmdbkit_format1" in s["ratios"]
     cold = [r for r in s["results"] if r["measure"].startswith("cold_")]
     assert all(r["extra"]["fadvise_dontneed"] and r["extra"]["MiB/s"] > 0 for r in cold)
     assert {("open", "10", "lmdbkit"), ("open", "50", "pt_batches")} <= got
