@@ -5,6 +5,9 @@ transaction that also updates the format record (count, schema), so the database
 every commit: a killed process leaves every committed item readable. When LMDB reports the map full,
 the writer aborts that transaction, doubles the map (logging it) and replays the batch; only a user-set
 ``max_size_gb`` stops it, with all committed items intact.
+
+Small items are packed several to an LMDB value (format 2, ``runs``): the last run stays open in memory and
+each commit writes it again, extended, under its new last index, in the same transaction as the rest.
 """
 
 from __future__ import annotations
