@@ -52,6 +52,7 @@ PAGE_HEADER_SIZE = 16                 # bytes of MDB_page before a big value in 
 OS_PAGE = mmap.PAGESIZE
 MADV_WILLNEED = 3
 COLD_NS = 10_000  # a lookup slower than this read the value's first page from the disk (a cached page: ~1 us)
+WARM_AFTER = 8  # fast reads in a row that turn a packed table's reads warm again (see Prefetcher._saw)
 
 
 def major_faults() -> tuple[int, int]:
@@ -206,6 +207,8 @@ class Prefetcher:
         self.leaves = Leaves() if finished and self.enabled else None
         self._cold = False  # whether the last lookup went to the disk (so the next one likely will)
         self._faults = major_faults()  # for packed runs: see _value
+        self._waited = 0  # ns the last lookup took
+        self._fast = 0  # fast reads in a row while cold
 
     def large(self, txn, db) -> bool:
         """Whether the table (the items table: one per environment) holds values in overflow pages; looked at
@@ -229,14 +232,12 @@ class Prefetcher:
         if not self._cold:  # as _runs does
             t0 = perf_counter_ns()
             found = cursor.item() if cursor.set_range(key) else None
-            if perf_counter_ns() - t0 > COLD_NS and self._faulted():
-                self._cold = True
+            self._saw(perf_counter_ns() - t0)
             return found
         self.large(txn, db)  # whether hints can help
-        t0 = perf_counter_ns()
         if not self._lookup(cursor, key, ranged=True):
             return None
-        return cursor.key(), self._value(cursor, t0)
+        return cursor.key(), self._value(cursor)
 
     def get_many(self, txn, db, keys: list[bytes], *, ranged: bool = False) -> list:
         """The values under ``keys`` (None where absent), every large value's read requested before the first
@@ -249,27 +250,42 @@ class Prefetcher:
         """
         if not self.large(txn, db) and not ranged:
             return [txn.get(k, db=db) for k in keys]
-        if ranged and not self._cold:
-            return self._runs(txn, db, keys)
+        if ranged:
+            return self._cold_runs(txn, db, keys) if self._cold and keys else self._runs(txn, db, keys)
         cursor = txn.cursor(db=db)
-        find = cursor.set_range if ranged else cursor.set_key
-        take = (lambda: (cursor.key(), self._value(cursor, perf_counter_ns()))) if ranged else cursor.value
         out = []
         for n, k in enumerate(keys):
-            if not self._lookup(cursor, k, ranged):
+            if not self._lookup(cursor, k):
                 out.append(None)
                 continue
             if self._cold:  # the rest likely waits for the disk too: ask for all of it before taking any
-                rest = keys[n + 1:]
-                if self.finished and rest:
-                    threads = min(HINT_THREADS, len(rest))
-                    list(_pool().map(self._hint_keys, [(db, rest[i::threads], ranged) for i in range(threads)]))
-                else:
-                    for later in rest:
-                        self._lookup(cursor, later, ranged)
-                return out + [take() if find(k) else None for k in keys[n:]]
-            out.append(take())  # a warm value: taken where the lookup left the cursor
+                self._ask(cursor, db, keys[n + 1:], False)
+                return out + [cursor.value() if cursor.set_key(k) else None for k in keys[n:]]
+            out.append(cursor.value())  # a warm value: taken where the lookup left the cursor
         return out
+
+    def _ask(self, cursor, db, keys: list[bytes], ranged: bool) -> None:
+        """Look up (so ask the disk for) the values of ``keys``: in a finished database in a pool of threads,
+        each then waiting for its values, so that the reads are in flight together."""
+        if self.finished and keys:
+            threads = min(HINT_THREADS, len(keys))
+            list(_pool().map(self._hint_keys, [(db, keys[i::threads], ranged) for i in range(threads)]))
+        else:
+            for k in keys:
+                self._lookup(cursor, k, ranged)
+
+    def _cold_runs(self, txn, db, keys: list[bytes]) -> list:
+        """get_many(ranged=True) while the disk seems cold: the first run is read (asked for whole) and timed;
+        if it still waited, the rest of the batch is asked for before any is taken, else read as warm. The
+        takes after the asking do not count as warm (the asking made them fast): the next batch starts cold."""
+        cursor = txn.cursor(db=db)
+        first = (cursor.key(), self._value(cursor)) if self._lookup(cursor, keys[0], True) else None
+        rest = keys[1:]
+        if not self._cold:
+            return [first] + self._runs(txn, db, rest)
+        self._ask(cursor, db, rest, True)
+        self._cold = True
+        return [first] + [cursor.item() if cursor.set_range(k) else None for k in rest]
 
     def _runs(self, txn, db, keys: list[bytes]) -> list:
         """get_many(ranged=True) while the disk seems warm, in as few steps a key as possible: each lookup and
@@ -279,9 +295,10 @@ class Prefetcher:
         for n, k in enumerate(keys):
             t0 = now()
             out.append(take() if find(k) else None)
-            if now() - t0 > COLD_NS and self._faulted():
-                self._cold = True
-                return out + self.get_many(txn, db, keys[n + 1:], ranged=True)
+            if now() - t0 > COLD_NS:
+                self._saw(now() - t0)
+                if self._cold:
+                    return out + self.get_many(txn, db, keys[n + 1:], ranged=True)
         return out
 
     def _lookup(self, cursor, key: bytes, ranged: bool = False) -> bool:
@@ -299,22 +316,32 @@ class Prefetcher:
         t0 = perf_counter_ns()
         if not (cursor.set_range(key) if ranged else cursor.set_key(key)):
             return False
-        slow = perf_counter_ns() - t0 > COLD_NS and (not ranged or self._faulted())
+        self._waited = perf_counter_ns() - t0  # the lookup's own time, not the hint's
+        slow = self._waited > COLD_NS and (not ranged or self._faulted())
         self._cold = slow or (ranged and self._cold)
         if self._cold and not asked and (not ranged or self._large):
             self.hint(cursor)
         return True
 
-    def _value(self, cursor, since: int):
-        """The cursor's value, noting whether reading it (its lookup from ``since``, then the take: py-lmdb
-        touches each of the value's pages) waited for the disk: warm data turns cold on a slow read whose process
-        met a major page fault since the last look (a slow read alone does not tell: the first touch of a cached
-        page in a process is a minor fault, ~1 us a page, and a scheduler pause looks the same); cold data turns
-        warm on a fast read."""
+    def _value(self, cursor):
+        """The value the last ``_lookup`` put the cursor on, noting (``_saw``) how long reading it took: that
+        lookup's own time, not its hint's, and the take (py-lmdb touches each of the value's pages)."""
+        t0 = perf_counter_ns()
         value = cursor.value()
-        # cold stays cold while reads wait (a page that a hint is reading in is waited for as a minor fault)
-        self._cold = perf_counter_ns() - since > COLD_NS and (self._cold or self._faulted())
+        self._saw(self._waited + perf_counter_ns() - t0)
         return value
+
+    def _saw(self, waited: int) -> None:
+        """Note how long a read of a packed run took (ns): warm turns cold on a slow read whose process met a
+        major page fault since the last look (a slow read alone does not tell: the first touch of a cached page
+        in a process is a minor fault, ~1 us a page, and a scheduler pause looks the same); cold stays cold
+        while reads wait (a page that a hint is reading in is waited for as a minor fault) and turns warm after
+        WARM_AFTER fast reads in a row (one run read before, amid cold ones, says little)."""
+        if waited > COLD_NS and (self._cold or self._faulted()):
+            self._cold, self._fast = True, 0
+        elif self._cold:
+            self._fast += 1
+            self._cold = self._fast < WARM_AFTER
 
     def _faulted(self) -> bool:
         """Whether this process met a major page fault since the last time this was asked."""
