@@ -271,7 +271,7 @@ class Writer:
             self._pending_index: list[tuple[bytes, bytes, bytes]] = []
             self._pending_bytes = 0
             self._packed = store.packed(self.meta)
-            self._tail, self._tail_key = self._open_run() if self._packed else ([], None)
+            self._tail = self._open_run() if self._packed else []  # the open last run's items, ending at count - 1
             self._in_source = False       # inside append_source: append_source decides when to commit
             self._sig: tuple | None = None
             self._rtxn = self._h.env.begin()
@@ -348,16 +348,14 @@ class Writer:
         self._meta = h.db(store.META, create=True)
         self._sources = h.db(store.SOURCES, create=True)
 
-    def _open_run(self) -> tuple[list[bytes], bytes | None]:
-        """(items, key) of the last run when it is still open (a later commit extends it), else ([], None)."""
+    def _open_run(self) -> list[bytes]:
+        """The items of the last run when it is still open (a later commit extends it), else []."""
         with self._h.begin() as txn:
             cursor = txn.cursor(db=self._items)
             if not cursor.last():
-                return [], None
-            key, items = bytes(cursor.key()), [bytes(x) for x in runs.items(cursor.value())]
-        if runs.closed(len(items), sum(map(len, items))):
-            return [], None
-        return items, key
+                return []
+            items = [bytes(x) for x in runs.items(cursor.value())]
+        return [] if runs.closed(len(items), sum(map(len, items))) else items
 
     def _decide_packing(self, first: bytes) -> None:
         """At the first item of a database: pack it (format 2) or not (format 1)."""
@@ -662,29 +660,27 @@ class Writer:
                         txn.put(s, rec, db=self._sources)
                     txn.put(store.META_KEY, blob, db=self._meta)
                 if self._packed:
-                    self._tail, self._tail_key = tail
+                    self._tail = tail
                 break
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
                 raise self._commit_failed(exc) from exc
 
-    def _put_runs(self, txn) -> tuple[list[bytes], bytes | None]:
-        """Write the open run (extended) and the buffered items as runs; returns the new open run (items, key)."""
+    def _put_runs(self, txn) -> list[bytes]:
+        """Write the open run (extended) and the buffered items as runs; returns the new open run's items."""
         items = self._tail + [data for _, _, data in self._pending]
         if not items:
-            return self._tail, self._tail_key
-        if self._tail_key is not None:
-            txn.delete(self._tail_key, db=self._items)
+            return self._tail
+        if self._tail:  # stored under its last item's index: the last committed one
+            txn.delete(store.pack_index(self.count - 1), db=self._items)
         last, pos = self.count - len(self._tail) - 1, 0
         for n in runs.split([len(x) for x in items]):
             last += n
             txn.put(store.pack_index(last), runs.pack(items[pos:pos + n]), db=self._items, append=True)
             pos += n
         run = items[pos - n:]
-        if runs.closed(len(run), sum(map(len, run))):
-            return [], None
-        return [bytes(x) for x in run], store.pack_index(last)
+        return [] if runs.closed(len(run), sum(map(len, run))) else [bytes(x) for x in run]
 
     def _commit_failed(self, exc: Exception) -> CommitError:
         """The error for a commit LMDB refused: what is on disk, which buffered items were not written, why."""
