@@ -23,7 +23,7 @@ from typing import Iterable
 
 import lmdb
 
-from .errors import (DamagedDatabaseError, DatabaseBusyError, DatabaseNotFoundError, DiskFullError,
+from .errors import (CorruptItemError, DamagedDatabaseError, DatabaseBusyError, DatabaseNotFoundError, DiskFullError,
                      FormatVersionError, LmdbkitError, NotADatabaseError, ReadOnlyError, TruncatedDatabaseError)
 from . import runs
 from .prefetch import Prefetcher
@@ -83,9 +83,9 @@ def get_item(txn, db, packed: bool, i: int):
     return runs.item(cursor.value(), unpack_index(cursor.key()), i)
 
 
-def walk_items(txn, db, packed: bool, start: int = 0) -> Iterable[tuple[int, object]]:
-    """(index, stored bytes) of every item from ``start`` on, in index order (CorruptItemError for a damaged
-    run; ``integrity`` walks the table more carefully)."""
+def walk_items(txn, db, packed: bool, start: int = 0, *, path: str | None = None) -> Iterable[tuple[int, object]]:
+    """(index, stored bytes) of every item from ``start`` on, in index order; a damaged run is a CorruptItemError
+    naming ``path`` and the run's last item (``integrity`` walks the table more carefully, reporting and going on)."""
     cursor = txn.cursor(db=db)
     ok = cursor.set_range(pack_index(start))
     while ok:
@@ -94,7 +94,10 @@ def walk_items(txn, db, packed: bool, start: int = 0) -> Iterable[tuple[int, obj
         if not packed:
             yield last, v
         else:
-            parts = runs.items(v)
+            try:
+                parts = runs.items(v)
+            except CorruptItemError as exc:
+                raise exc.at(path, last) from exc  # named by its run's last item
             for i, buf in enumerate(parts, start=last - len(parts) + 1):
                 if i >= start:
                     yield i, buf

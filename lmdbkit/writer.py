@@ -579,7 +579,7 @@ class Writer:
         start = 0
         while start < self.count:
             with self._h.begin(buffers=True) as txn:
-                walk = store.walk_items(txn, self._items, self._packed, start)
+                walk = store.walk_items(txn, self._items, self._packed, start, path=str(self.path))
                 start = self.count
                 for i, buf in walk:
                     try:

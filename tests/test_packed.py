@@ -103,7 +103,7 @@ def test_a_damaged_run_is_a_corrupt_item_never_another_items_bytes(tmp_path):
     path = tmp_path / "db.lmdb"
     with lmdbkit.Writer(path) as w:
         for i in range(40):
-            w.append({"x": np.full(256, i, np.float32)})
+            w.append({"x": np.full(256, i, np.float32), "i": i})
     import lmdb
     env = lmdb.open(str(path), max_dbs=16)
     with env.begin(write=True) as txn:
@@ -119,6 +119,8 @@ def test_a_damaged_run_is_a_corrupt_item_never_another_items_bytes(tmp_path):
         with pytest.raises(CorruptItemError, match=r"item 20: .*shorter than the 16-byte head"):
             r.read_many([30, 20])
         assert r[30]["x"][0] == 30 and r[39]["x"][0] == 39
+    with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 14: .*run of packed items: its table of item starts"):
+        lmdbkit.build_index(path, "i")  # reads every item's header: the cut run is named, nothing written
     rep = lmdbkit.verify(path, progress=False)
     texts = [p["problem"] for p in rep.problems]
     assert not rep.ok and any("table of item starts" in t for t in texts) and any("15..29 are unreadable" in t for t in texts)
