@@ -183,6 +183,8 @@ def _tensor_as_numpy(value, field: str, torch) -> tuple[np.ndarray, str, int]:
 
 
 _TORCH_NAMES: dict = {}
+# dtypes numpy holds natively, in the byte order read here: decode's common case copies them straight out
+_PLAIN = frozenset(n for n in DTYPES if n not in _RAW) if _LITTLE else frozenset({"bool", "uint8", "int8"})
 
 
 def encode(sample: dict, key: str | None = None, *, compression: str | None = None) -> bytes:
@@ -359,8 +361,89 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
     decoded byte size)``, checked so that allocating an array of that shape and copying ``stored length``
     bytes from ``offset`` stays within the buffer and within what the shape needs.
     """
+    return _parse(buf)[:5]
+
+
+def _parse(buf, want_key: bool = True) -> tuple[int, int, str | None, dict, list, bool]:
+    """``parse``, and whether the fields are flat (no metadata list, dict or nested array to decode). The key
+    may be left None when not ``want_key``."""
+    seen = _seen(buf, want_key)
+    if seen is not None:
+        return seen
     start, stored, key, fields, arrays = _header(buf)
-    return start, stored, key, fields, _checked_like_last(arrays, len(buf) - start)
+    checked = _checked_like_last(arrays, len(buf) - start)
+    return start, stored, key, fields, checked, _remember(buf, start, fields, checked)
+
+
+# Headers seen before, after their key (``_after_key``), and what ``_header`` and ``_checked`` made of them:
+# {rest of header bytes: (fields, checked descriptors, payload bytes they reach)}. Items of one schema whose
+# metadata repeats (a label, a category) share the rest of their header whatever their keys, so most reads
+# skip msgpack and the descriptors' checks. Only flat, uncompressed headers are kept (a compressed array's
+# length is the data's); at SEEN_MAX headers the memo starts again.
+_SEEN: dict[bytes, tuple[dict, list, int]] = {}
+SEEN_MAX = 1024
+_NIL, _FIXARRAY3, _STR8, _STR16 = 0xC0, 0x93, 0xD9, 0xDA
+
+
+def _after_key(buf, start: int) -> int:
+    """Where the header's key ends (the header is msgpack ``[key, fields, arrays]``), or 0 when it is not laid
+    out as lmdbkit writes it (then the header is unpacked in full, which names what is wrong)."""
+    if start < PREFIX_SIZE + 2 or buf[PREFIX_SIZE] != _FIXARRAY3:
+        return 0
+    b = buf[PREFIX_SIZE + 1]
+    if b == _NIL:
+        at = PREFIX_SIZE + 2
+    elif 0xA0 <= b <= 0xBF:  # a str of up to 31 bytes
+        at = PREFIX_SIZE + 2 + b - 0xA0
+    elif b == _STR8 and start > PREFIX_SIZE + 2:
+        at = PREFIX_SIZE + 3 + buf[PREFIX_SIZE + 2]
+    elif b == _STR16 and start > PREFIX_SIZE + 3:
+        at = PREFIX_SIZE + 4 + (buf[PREFIX_SIZE + 2] << 8 | buf[PREFIX_SIZE + 3])
+    else:
+        return 0
+    return at if at < start else 0
+
+
+def _key(buf, at: int) -> str | None:
+    """The key that ends at ``at`` (see ``_after_key``); UnicodeDecodeError for bytes that are not UTF-8."""
+    b = buf[PREFIX_SIZE + 1]
+    if b == _NIL:
+        return None
+    skip = 2 if b <= 0xBF else 3 if b == _STR8 else 4
+    return bytes(buf[PREFIX_SIZE + skip:at]).decode()
+
+
+def _seen(buf, want_key: bool = True) -> tuple | None:
+    """What ``_parse`` returns, for an item whose header (after its key) was seen before; None otherwise."""
+    if len(buf) < PREFIX_SIZE:
+        return None
+    magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
+    start = PREFIX_SIZE + hlen
+    if magic != MAGIC or version != VERSION or start > len(buf):
+        return None
+    at = _after_key(buf, start)
+    entry = _SEEN.get(bytes(buf[at:start])) if at else None
+    if entry is None or entry[2] > len(buf) - start:
+        return None
+    try:
+        key = _key(buf, at) if want_key else None
+    except UnicodeDecodeError:
+        return None
+    return start, stored, key, dict(entry[0]), entry[1], True
+
+
+def _remember(buf, start: int, fields: dict, checked: list) -> bool:
+    """Keep a flat, uncompressed header in ``_SEEN``; returns whether the fields are flat."""
+    for v in fields.values():
+        t = type(v)
+        if t is list or t is dict or t is msgpack.ExtType:
+            return False
+    at = _after_key(buf, start)
+    if at and not any(d[3] for d in checked):
+        if len(_SEEN) >= SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[bytes(buf[at:start])] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
+    return True
 
 
 # the last item's descriptors as stored, checked, and the lowest and highest payload byte they reach
@@ -467,7 +550,7 @@ def _check_array_slowly(field, kind, dcode, ccode, off, n, shape, payload: int) 
 
 
 def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False, parsed: tuple | None = None,
-           complex32: str = "complex64") -> tuple[str | None, dict]:
+           complex32: str = "complex64", with_key: bool = True) -> tuple[str | None, dict]:
     """Decode one item into (key, sample). ``buf`` may be bytes or a memoryview into a memory map.
 
     decode_to: "auto" gives back the kind that was written (torch tensor or numpy array; numpy when torch
@@ -476,9 +559,10 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False, parsed: t
     Batches of one layout, copied into batch tensors: see ``decode_layout``.
     parsed: what ``parse(buf)`` returned for this buffer, if the caller already has it (it is consumed).
     complex32: complex32 arrays come back as "complex64" or as their float16 "pairs" (see COMPLEX32).
+    with_key: False may leave the key None (for a caller that wants only the sample: it costs less).
     """
     buf = memoryview(buf)
-    start, stored, key, fields, arrays = parse(buf) if parsed is None else parsed
+    start, stored, key, fields, arrays, flat = _parse(buf, with_key) if parsed is None else (*parsed, False)
     if verify and xxhash.xxh3_64_intdigest(buf[PREFIX_SIZE:]) != stored:
         raise _corrupt("checksum mismatch")
     torch = None
@@ -488,12 +572,18 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False, parsed: t
             import torch  # noqa: F811 - imported only when tensors are asked for
     try:
         for name, kind, dname, ccode, off, n, shape, nbytes in arrays:
-            fields[name] = _array(buf, start, stored, verify, kind, dname, ccode, off, n, shape, nbytes, decode_to,
-                                  torch, complex32)
-        for name, value in fields.items():
-            t = type(value)
-            if t is list or t is dict or t is msgpack.ExtType:
-                fields[name] = _walk(value, _Ctx(buf, start, stored, verify, decode_to, torch, complex32), 0)
+            if not ccode and nbytes and dname in _PLAIN and kind != KIND_NUMPY_SCALAR:  # _array's common case
+                arr = np.ndarray(shape, _STORAGE[dname], buf, start + off).copy()  # the one copy
+                want_torch = torch is not None and (decode_to == "torch" or kind == KIND_TORCH)
+                fields[name] = torch.from_numpy(arr) if want_torch else arr
+            else:
+                fields[name] = _array(buf, start, stored, verify, kind, dname, ccode, off, n, shape, nbytes,
+                                      decode_to, torch, complex32)
+        if not flat:
+            for name, value in fields.items():
+                t = type(value)
+                if t is list or t is dict or t is msgpack.ExtType:
+                    fields[name] = _walk(value, _Ctx(buf, start, stored, verify, decode_to, torch, complex32), 0)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
         if isinstance(exc, LmdbkitError):
             raise
@@ -682,6 +772,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     meta_keys = [k for k in layout.order if k not in names]
     nested = (list, dict, msgpack.ExtType)
     metas = []
+    seen: dict[bytes, tuple[dict, int]] = {}  # the rest of a flat header after its key: (its fields, shift)
     for b, buf in enumerate(bufs):
         if type(buf) is not memoryview:
             buf = memoryview(buf)
@@ -691,18 +782,26 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             start = PREFIX_SIZE + hlen
             if magic != MAGIC or version != VERSION or start > size:
                 raise ValueError
-            key, fields, arrays = unpackb(buf[PREFIX_SIZE:start], raw=False, strict_map_key=False)
+            cut = _after_key(buf, start)
+            rest = bytes(buf[cut:start]) if cut else None
+            hit = seen.get(rest)
+            if hit is None:
+                key, fields, arrays = unpackb(buf[PREFIX_SIZE:start], raw=False, strict_map_key=False)
         except Exception:
             _header(buf)  # raises the precise error
             raise _corrupt("malformed header") from None
-        if type(fields) is not dict or fields.keys() != keys0:
-            return None
-        at = start  # where the first item's offsets point in this one
-        if arrays != stored0:  # C-level comparison; items of 64 KiB+ may differ in their offsets' alignment pad
-            shift = _shift(arrays, stored0)
+        if hit is not None:  # the same header as an item before, but for its key: the same fields and shift
+            fields, shift = hit
+        else:
+            if type(fields) is not dict or fields.keys() != keys0:
+                return None
+            # C-level comparison; items of 64 KiB+ may differ in their offsets' alignment pad
+            shift = 0 if arrays == stored0 else _shift(arrays, stored0)
             if shift is None:
                 return None
-            at += shift
+            if rest is not None and not any(type(fields[k]) in nested for k in meta_keys):
+                seen[rest] = fields, shift  # flat: its items share this dict, which nothing changes
+        at = start + shift  # where the first item's offsets point in this one
         if at + low < start or at + need > size:
             raise _corrupt(f"arrays run past the {size - start}-byte payload")
         if checks[b] and hash64(buf[PREFIX_SIZE:]) != stored:

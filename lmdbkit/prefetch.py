@@ -232,7 +232,9 @@ class Prefetcher:
         if not self._cold:  # as _runs does
             t0 = perf_counter_ns()
             found = cursor.item() if cursor.set_range(key) else None
-            self._saw(perf_counter_ns() - t0)
+            waited = perf_counter_ns() - t0
+            if waited > COLD_NS:  # (a fast read leaves warm as it is)
+                self._saw(waited)
             return found
         self.large(txn, db)  # whether hints can help
         if not self._lookup(cursor, key, ranged=True):

@@ -229,13 +229,14 @@ class Reader:
             raise IndexError(f"index {i} is out of range for {self.path}, which holds {n} items")
         return j
 
-    def _decode(self, buf, where: object) -> tuple[str | None, dict]:
+    def _decode(self, buf, where: object, with_key: bool = True) -> tuple[str | None, dict]:
         if buf is None:
             raise CorruptItemError("the item is missing from the items table", path=self.path, key=where)
         if self.legacy:
             return None, pickle.loads(buf)
         try:
-            return codec.decode(buf, decode_to=self.decode_to, verify=self.verify, complex32=self.complex32)
+            return codec.decode(buf, decode_to=self.decode_to, verify=self.verify, complex32=self.complex32,
+                                with_key=with_key)
         except CorruptItemError as exc:
             raise exc.at(self.path, where) from exc
 
@@ -278,7 +279,7 @@ class Reader:
         j = self._norm(i)
         try:
             with self._txn() as txn:
-                return self._decode(self._raw(txn, j), j)[1]
+                return self._decode(self._raw(txn, j), j, False)[1]
         except lmdb.Error as exc:
             raise self._damaged(exc, j) from exc
 
@@ -287,7 +288,7 @@ class Reader:
         """Several items by index, in one read transaction."""
         idx = [self._norm(i) for i in indices]
         with self._txn() as txn:
-            return [self._decode(buf, j)[1] for buf, j in zip(self._raw_many(txn, idx), idx)]
+            return [self._decode(buf, j, False)[1] for buf, j in zip(self._raw_many(txn, idx), idx)]
 
     def _damaged(self, exc: Exception, where: object = None) -> LmdbkitError:
         """LMDB's own report of a damaged page, as an LmdbkitError naming the database (and item)."""
@@ -370,7 +371,7 @@ class Reader:
                 else:
                     found.append((k, self._norm(k)))
             bufs = iter(self._raw_many(txn, [j for _, j in found if j is not None]))
-            return [None if j is None else self._decode(next(bufs), k)[1] for k, j in found]
+            return [None if j is None else self._decode(next(bufs), k, False)[1] for k, j in found]
 
     # the names older storage classes used, so ported code runs as it is
     def retrieve_sample(self, key: str) -> dict:

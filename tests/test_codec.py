@@ -260,3 +260,66 @@ def test_large_payloads_start_on_a_cache_line_in_the_map(tmp_path):
             got = r[i]
             assert torch.equal(got["stft"], item["stft"]) and np.array_equal(got["mel"], item["mel"])
             assert got["label"] == i and r.key_of(i) == keys[i]
+
+
+# -- headers seen before (codec._SEEN): items of one schema and metadata differ only in their keys ------------
+
+@pytest.mark.parametrize("key", [None, "7", "k" * 31, "é" * 40, "x" * 300])  # nil, fixstr, str8, str16
+def test_a_header_seen_before_skips_msgpack_and_keeps_each_items_key(key, monkeypatch):
+    monkeypatch.setattr(codec, "_SEEN", {})
+    x = np.arange(256, dtype=np.float32)
+    codec.decode(codec.encode({"x": x, "label": 3}, "first"))
+    calls = []
+    unpackb = codec.msgpack.unpackb
+    monkeypatch.setattr(codec.msgpack, "unpackb", lambda *a, **kw: calls.append(1) or unpackb(*a, **kw))
+    got_key, out = codec.decode(codec.encode({"x": x + 1, "label": 3}, key))
+    assert calls == []  # the rest of its header was seen: taken from the memo
+    assert got_key == key and out["label"] == 3 and np.array_equal(out["x"], x + 1)
+    _, other = codec.decode(codec.encode({"x": x, "label": 4}, key))
+    assert other["label"] == 4 and calls == [1]  # other metadata: another header
+
+
+def test_items_sharing_a_header_get_fields_of_their_own():
+    x = np.zeros(4, np.float32)
+    a = codec.decode(codec.encode({"x": x, "label": 1}, "a"))[1]
+    a["label"] = "changed"
+    a["extra"] = 1
+    b = codec.decode(codec.encode({"x": x, "label": 1}, "b"))[1]
+    assert b == {"x": b["x"], "label": 1}
+
+
+def test_nested_metadata_is_not_taken_from_the_memo():
+    x = np.zeros(4, np.float32)
+    for i in range(3):
+        out = codec.decode(codec.encode({"x": x, "meta": {"tags": ["a"], "arr": np.full(2, i)}}, str(i)))[1]
+        assert out["meta"]["tags"] == ["a"] and out["meta"]["arr"].tolist() == [i, i]
+
+
+def test_a_seen_header_does_not_hide_a_short_payload_or_a_bad_key():
+    data = codec.encode({"x": np.arange(64, dtype=np.float32), "label": 2}, "abc")
+    codec.decode(data)
+    with pytest.raises(CorruptItemError):
+        codec.decode(data[:-4])
+    bad = bytearray(data)
+    bad[codec.PREFIX_SIZE + 2] = 0xFF  # the key's first byte: not UTF-8
+    with pytest.raises(CorruptItemError):
+        codec.decode(bytes(bad))
+
+
+def test_the_memo_is_bounded(monkeypatch):
+    monkeypatch.setattr(codec, "SEEN_MAX", 8)
+    monkeypatch.setattr(codec, "_SEEN", {})
+    for i in range(20):
+        codec.decode(codec.encode({"x": np.zeros(2, np.float32), "label": i}))
+    assert len(codec._SEEN) <= 8
+
+
+def test_a_batch_of_items_sharing_headers_keeps_each_items_metadata():
+    bufs = [codec.encode({"x": np.full(4, i, np.float32), "label": i % 2, "tags": [i] if i >= 4 else None}, f"k{i}")
+            for i in range(6)]
+    layout = codec.batch_layout(bufs)
+    dest = {"x": np.empty((6, 4), np.float32)}
+    metas = codec.decode_layout(bufs, layout, dest, verify=True)
+    assert [m["label"] for m in metas] == [0, 1, 0, 1, 0, 1]
+    assert [m["tags"] for m in metas] == [None, None, None, None, [4], [5]]
+    assert dest["x"][:, 0].tolist() == [0, 1, 2, 3, 4, 5]
