@@ -367,21 +367,62 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
 def _parse(buf, want_key: bool = True) -> tuple[int, int, str | None, dict, list, bool]:
     """``parse``, and whether the fields are flat (no metadata list, dict or nested array to decode). The key
     may be left None when not ``want_key``."""
-    seen = _seen(buf, want_key)
-    if seen is not None:
-        return seen
+    memo = _MEMO
+    if memo.resting:
+        memo.resting -= 1
+    else:
+        seen = _seen(buf, want_key)
+        if seen is not None:
+            memo.misses = 0
+            return seen
     start, stored, key, fields, arrays = _header(buf)
     checked = _checked_like_last(arrays, len(buf) - start)
-    return start, stored, key, fields, checked, _remember(buf, start, fields, checked)
+    flat = _flat(fields)
+    if not memo.resting and flat:
+        memo.remember(buf, start, fields, checked)
+    return start, stored, key, fields, checked, flat
 
 
-# Headers seen before, after their key (``_after_key``), and what ``_header`` and ``_checked`` made of them:
-# {rest of header bytes: (fields, checked descriptors, payload bytes they reach)}. Items of one schema whose
-# metadata repeats (a label, a category) share the rest of their header whatever their keys, so most reads
-# skip msgpack and the descriptors' checks. Only flat, uncompressed headers are kept (a compressed array's
-# length is the data's); at SEEN_MAX headers the memo starts again.
-_SEEN: dict[bytes, tuple[dict, list, int]] = {}
-SEEN_MAX = 1024
+def _flat(fields: dict) -> bool:
+    """Whether no metadata value is a list, dict or nested array (each would be decoded)."""
+    for v in fields.values():
+        t = type(v)
+        if t is list or t is dict or t is msgpack.ExtType:
+            return False
+    return True
+
+
+class _Memo:
+    """Headers seen before, after their key (``_after_key``), and what ``_header`` and ``_checked`` made of
+    them: ``seen`` maps the rest of a header's bytes to (fields, checked descriptors, payload bytes they reach).
+
+    Items of one schema whose metadata repeats (a label, a category) share the rest of their header whatever
+    their keys, so most reads skip msgpack and the descriptors' checks. Only flat, uncompressed headers are
+    kept (a compressed array's length is the data's). At SEEN_MAX headers the memo starts again. Items whose
+    metadata never repeats (an utterance id, a duration) would only pay for the memo: after MISSES_MAX misses
+    in a row it rests for the next REST parses, then starts again."""
+
+    SEEN_MAX, MISSES_MAX, REST = 1024, 256, 1 << 16
+    __slots__ = ("seen", "misses", "resting")
+
+    def __init__(self):
+        self.seen: dict[bytes, tuple[dict, list, int]] = {}
+        self.misses = self.resting = 0
+
+    def remember(self, buf, start: int, fields: dict, checked: list) -> None:
+        self.misses += 1
+        if self.misses > self.MISSES_MAX:
+            self.seen.clear()
+            self.misses, self.resting = 0, self.REST
+            return
+        at = _after_key(buf, start)
+        if at and not any(d[3] for d in checked):
+            if len(self.seen) >= self.SEEN_MAX:
+                self.seen.clear()
+            self.seen[bytes(buf[at:start])] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
+
+
+_MEMO = _Memo()
 _NIL, _FIXARRAY3, _STR8, _STR16 = 0xC0, 0x93, 0xD9, 0xDA
 
 
@@ -422,7 +463,7 @@ def _seen(buf, want_key: bool = True) -> tuple | None:
     if magic != MAGIC or version != VERSION or start > len(buf):
         return None
     at = _after_key(buf, start)
-    entry = _SEEN.get(bytes(buf[at:start])) if at else None
+    entry = _MEMO.seen.get(bytes(buf[at:start])) if at else None
     if entry is None or entry[2] > len(buf) - start:
         return None
     try:
@@ -430,20 +471,6 @@ def _seen(buf, want_key: bool = True) -> tuple | None:
     except UnicodeDecodeError:
         return None
     return start, stored, key, dict(entry[0]), entry[1], True
-
-
-def _remember(buf, start: int, fields: dict, checked: list) -> bool:
-    """Keep a flat, uncompressed header in ``_SEEN``; returns whether the fields are flat."""
-    for v in fields.values():
-        t = type(v)
-        if t is list or t is dict or t is msgpack.ExtType:
-            return False
-    at = _after_key(buf, start)
-    if at and not any(d[3] for d in checked):
-        if len(_SEEN) >= SEEN_MAX:
-            _SEEN.clear()
-        _SEEN[bytes(buf[at:start])] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
-    return True
 
 
 # the last item's descriptors as stored, checked, and the lowest and highest payload byte they reach
@@ -735,6 +762,7 @@ def batch_layout(bufs: list) -> Layout | None:
     return Layout(arrays, stored, fields)
 
 
+BATCH_LOOKS = 16  # items of a batch decode_layout looks up among the headers it met before it gives up
 PWRITE_MIN = 64 << 10  # arrays from this size on go to a ``file`` destination by pwrite
 
 
@@ -773,6 +801,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     nested = (list, dict, msgpack.ExtType)
     metas = []
     seen: dict[bytes, tuple[dict, int]] = {}  # the rest of a flat header after its key: (its fields, shift)
+    hits = 0  # (a batch whose first items share no header likely shares none: it stops looking)
     for b, buf in enumerate(bufs):
         if type(buf) is not memoryview:
             buf = memoryview(buf)
@@ -782,7 +811,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             start = PREFIX_SIZE + hlen
             if magic != MAGIC or version != VERSION or start > size:
                 raise ValueError
-            cut = _after_key(buf, start)
+            cut = _after_key(buf, start) if hits or b < BATCH_LOOKS else 0
             rest = bytes(buf[cut:start]) if cut else None
             hit = seen.get(rest)
             if hit is None:
@@ -792,6 +821,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             raise _corrupt("malformed header") from None
         if hit is not None:  # the same header as an item before, but for its key: the same fields and shift
             fields, shift = hit
+            hits += 1
         else:
             if type(fields) is not dict or fields.keys() != keys0:
                 return None

@@ -266,7 +266,7 @@ def test_large_payloads_start_on_a_cache_line_in_the_map(tmp_path):
 
 @pytest.mark.parametrize("key", [None, "7", "k" * 31, "é" * 40, "x" * 300])  # nil, fixstr, str8, str16
 def test_a_header_seen_before_skips_msgpack_and_keeps_each_items_key(key, monkeypatch):
-    monkeypatch.setattr(codec, "_SEEN", {})
+    monkeypatch.setattr(codec, "_MEMO", codec._Memo())
     x = np.arange(256, dtype=np.float32)
     codec.decode(codec.encode({"x": x, "label": 3}, "first"))
     calls = []
@@ -307,11 +307,25 @@ def test_a_seen_header_does_not_hide_a_short_payload_or_a_bad_key():
 
 
 def test_the_memo_is_bounded(monkeypatch):
-    monkeypatch.setattr(codec, "SEEN_MAX", 8)
-    monkeypatch.setattr(codec, "_SEEN", {})
+    monkeypatch.setattr(codec._Memo, "SEEN_MAX", 8)
+    monkeypatch.setattr(codec, "_MEMO", codec._Memo())
     for i in range(20):
         codec.decode(codec.encode({"x": np.zeros(2, np.float32), "label": i}))
-    assert len(codec._SEEN) <= 8
+    assert 0 < len(codec._MEMO.seen) <= 8
+
+
+def test_the_memo_rests_while_no_header_repeats(monkeypatch):
+    monkeypatch.setattr(codec._Memo, "REST", 50)
+    memo = codec._Memo()
+    monkeypatch.setattr(codec, "_MEMO", memo)
+    x = np.zeros(2, np.float32)
+    unique = [codec.encode({"x": x, "id": f"utt{i}"}) for i in range(codec._Memo.MISSES_MAX + 1)]
+    for buf in unique:
+        codec.decode(buf)
+    assert memo.resting == 50 and not memo.seen  # every header missed: it stopped keeping them
+    for i in range(60):  # resting, then keeping again: every item decodes as itself all along
+        assert codec.decode(codec.encode({"x": x + i, "id": "same"}))[1]["x"][0] == i
+    assert memo.resting == 0 and len(memo.seen) == 1
 
 
 def test_a_batch_of_items_sharing_headers_keeps_each_items_metadata():
