@@ -378,8 +378,8 @@ def _parse(buf, want_key: bool = True) -> tuple[int, int, str | None, dict, list
     start, stored, key, fields, arrays = _header(buf)
     checked = _checked_like_last(arrays, len(buf) - start)
     flat = _flat(fields)
-    if not memo.resting and flat:
-        memo.remember(buf, start, fields, checked)
+    if not memo.resting:
+        memo.remember(buf, start, fields, checked, flat)
     return start, stored, key, fields, checked, flat
 
 
@@ -409,13 +409,14 @@ class _Memo:
         self.seen: dict[bytes, tuple[dict, list, int]] = {}
         self.misses = self.resting = 0
 
-    def remember(self, buf, start: int, fields: dict, checked: list) -> None:
+    def remember(self, buf, start: int, fields: dict, checked: list, flat: bool) -> None:
+        """Count a miss, and keep the header if it may be kept (flat and uncompressed)."""
         self.misses += 1
         if self.misses > self.MISSES_MAX:
             self.seen.clear()
             self.misses, self.resting = 0, self.REST
             return
-        at = _after_key(buf, start)
+        at = _after_key(buf, start) if flat else 0
         if at and not any(d[3] for d in checked):
             if len(self.seen) >= self.SEEN_MAX:
                 self.seen.clear()

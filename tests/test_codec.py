@@ -328,6 +328,17 @@ def test_the_memo_rests_while_no_header_repeats(monkeypatch):
     assert memo.resting == 0 and len(memo.seen) == 1
 
 
+@pytest.mark.parametrize("sample", [{"x": np.zeros(2, np.float32), "tags": ["a"]},  # nested: never kept
+                                    {"x": np.zeros(64, np.float32)}])  # compressed below: never kept
+def test_the_memo_rests_for_headers_it_cannot_keep(sample, monkeypatch):
+    memo = codec._Memo()
+    monkeypatch.setattr(codec, "_MEMO", memo)
+    buf = codec.encode(sample, compression=None if "tags" in sample else "zlib")
+    for _ in range(codec._Memo.MISSES_MAX + 1):
+        codec.decode(buf)
+    assert memo.resting and not memo.seen
+
+
 def test_a_batch_of_items_sharing_headers_keeps_each_items_metadata():
     bufs = [codec.encode({"x": np.full(4, i, np.float32), "label": i % 2, "tags": [i] if i >= 4 else None}, f"k{i}")
             for i in range(6)]
