@@ -364,14 +364,16 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
     return _parse(buf)[:5]
 
 
-def _parse(buf, want_key: bool = True) -> tuple[int, int, str | None, dict, list, bool]:
+def _parse(buf, with_key: bool = True) -> tuple[int, int, str | None, dict, list, bool]:
     """``parse``, and whether the fields are flat (no metadata list, dict or nested array to decode). The key
-    may be left None when not ``want_key``."""
+    may be left None when not ``with_key``."""
     memo = _MEMO
+    rest = None
     if memo.resting:
         memo.resting -= 1
     else:
-        seen = _seen(buf, want_key)
+        rest = _rest(buf)
+        seen = None if rest is None else _seen(buf, rest, with_key)
         if seen is not None:
             memo.misses = 0
             return seen
@@ -379,7 +381,7 @@ def _parse(buf, want_key: bool = True) -> tuple[int, int, str | None, dict, list
     checked = _checked_like_last(arrays, len(buf) - start)
     flat = _flat(fields)
     if not memo.resting:
-        memo.remember(buf, start, fields, checked, flat)
+        memo.remember(rest and rest[3], fields, checked, flat)
     return start, stored, key, fields, checked, flat
 
 
@@ -409,18 +411,18 @@ class _Memo:
         self.seen: dict[bytes, tuple[dict, list, int]] = {}
         self.misses = self.resting = 0
 
-    def remember(self, buf, start: int, fields: dict, checked: list, flat: bool) -> None:
-        """Count a miss, and keep the header if it may be kept (flat and uncompressed)."""
+    def remember(self, rest: bytes | None, fields: dict, checked: list, flat: bool) -> None:
+        """Count a miss, and keep the header (``rest``: its bytes after the key) if it may be kept: flat and
+        uncompressed."""
         self.misses += 1
         if self.misses > self.MISSES_MAX:
             self.seen.clear()
             self.misses, self.resting = 0, self.REST
             return
-        at = _after_key(buf, start) if flat else 0
-        if at and not any(d[3] for d in checked):
+        if rest and flat and not any(d[3] for d in checked):
             if len(self.seen) >= self.SEEN_MAX:
                 self.seen.clear()
-            self.seen[bytes(buf[at:start])] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
+            self.seen[rest] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
 
 
 _MEMO = _Memo()
@@ -455,8 +457,9 @@ def _key(buf, at: int) -> str | None:
     return bytes(buf[PREFIX_SIZE + skip:at]).decode()
 
 
-def _seen(buf, want_key: bool = True) -> tuple | None:
-    """What ``_parse`` returns, for an item whose header (after its key) was seen before; None otherwise."""
+def _rest(buf) -> tuple[int, int, int, bytes] | None:
+    """(payload start, stored checksum, where the key ends, the header's bytes after the key: the memo's key) of
+    an item laid out as lmdbkit writes it; else None."""
     if len(buf) < PREFIX_SIZE:
         return None
     magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
@@ -464,11 +467,18 @@ def _seen(buf, want_key: bool = True) -> tuple | None:
     if magic != MAGIC or version != VERSION or start > len(buf):
         return None
     at = _after_key(buf, start)
-    entry = _MEMO.seen.get(bytes(buf[at:start])) if at else None
+    return (start, stored, at, bytes(buf[at:start])) if at else None
+
+
+def _seen(buf, rest: tuple[int, int, int, bytes], with_key: bool) -> tuple | None:
+    """What ``_parse`` returns, for an item whose header after its key was seen before (``rest``: ``_rest``'s);
+    else None."""
+    start, stored, at, after = rest
+    entry = _MEMO.seen.get(after)
     if entry is None or entry[2] > len(buf) - start:
         return None
     try:
-        key = _key(buf, at) if want_key else None
+        key = _key(buf, at) if with_key else None
     except UnicodeDecodeError:
         return None
     return start, stored, key, dict(entry[0]), entry[1], True
@@ -600,7 +610,8 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False, parsed: t
             import torch  # noqa: F811 - imported only when tensors are asked for
     try:
         for name, kind, dname, ccode, off, n, shape, nbytes in arrays:
-            if not ccode and nbytes and dname in _PLAIN and kind != KIND_NUMPY_SCALAR:  # _array's common case
+            # _array's common case, inline: the two calls it saves are 0.2-0.3 us of a 1 KiB item's ~3.3 us decode
+            if not ccode and nbytes and dname in _PLAIN and kind != KIND_NUMPY_SCALAR:
                 arr = np.ndarray(shape, _STORAGE[dname], buf, start + off).copy()  # the one copy
                 want_torch = torch is not None and (decode_to == "torch" or kind == KIND_TORCH)
                 fields[name] = torch.from_numpy(arr) if want_torch else arr

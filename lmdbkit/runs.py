@@ -68,6 +68,11 @@ def closed(n: int, payload: int) -> bool:
     return size >= FULL * pages * PAGE or size >= RUN_MAX
 
 
+def still_open(items: list) -> bool:
+    """Whether a run of these items is not yet ``closed`` (a writer extends it at its next commit)."""
+    return not closed(len(items), sum(map(len, items)))
+
+
 def fits(n: int, payload: int, item: int) -> bool:
     """Whether an item of ``item`` bytes may join a run of n items of ``payload`` bytes."""
     return n == 0 or PAGE_HEADER + header_size(n + 1) + payload + item <= RUN_MAX

@@ -355,7 +355,7 @@ class Writer:
             if not cursor.last():
                 return []
             items = [bytes(x) for x in runs.items(cursor.value())]
-        return [] if runs.closed(len(items), sum(map(len, items))) else items
+        return items if runs.still_open(items) else []
 
     def _decide_packing(self, first: bytes) -> None:
         """At the first item of a database: pack it (format 2) or not (format 1)."""
@@ -680,7 +680,7 @@ class Writer:
             txn.put(store.pack_index(last), runs.pack(items[pos:pos + n]), db=self._items, append=True)
             pos += n
         run = items[pos - n:]
-        return [] if runs.closed(len(run), sum(map(len, run))) else [bytes(x) for x in run]
+        return [bytes(x) for x in run] if runs.still_open(run) else []
 
     def _commit_failed(self, exc: Exception) -> CommitError:
         """The error for a commit LMDB refused: what is on disk, which buffered items were not written, why."""
