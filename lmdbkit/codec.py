@@ -35,6 +35,7 @@ import msgpack
 import numpy as np
 import xxhash
 
+from . import headers
 from .errors import CorruptItemError, EncodeError, LmdbkitError
 
 MAGIC = b"LK"
@@ -394,67 +395,7 @@ def _flat(fields: dict) -> bool:
     return True
 
 
-class _Memo:
-    """Headers seen before, after their key (``_after_key``), and what ``_header`` and ``_checked`` made of
-    them: ``seen`` maps the rest of a header's bytes to (fields, checked descriptors, payload bytes they reach).
-
-    Items of one schema whose metadata repeats (a label, a category) share the rest of their header whatever
-    their keys, so most reads skip msgpack and the descriptors' checks. Only flat, uncompressed headers are
-    kept (a compressed array's length is the data's). At SEEN_MAX headers the memo starts again. Items whose
-    metadata never repeats (an utterance id, a duration) would only pay for the memo: after MISSES_MAX misses
-    in a row it rests for the next REST parses, then starts again."""
-
-    SEEN_MAX, MISSES_MAX, REST = 1024, 256, 1 << 16
-    __slots__ = ("seen", "misses", "resting")
-
-    def __init__(self):
-        self.seen: dict[bytes, tuple[dict, list, int]] = {}
-        self.misses = self.resting = 0
-
-    def remember(self, rest: bytes | None, fields: dict, checked: list, flat: bool) -> None:
-        """Count a miss, and keep the header (``rest``: its bytes after the key) if it may be kept: flat and
-        uncompressed."""
-        self.misses += 1
-        if self.misses > self.MISSES_MAX:
-            self.seen.clear()
-            self.misses, self.resting = 0, self.REST
-            return
-        if rest and flat and not any(d[3] for d in checked):
-            if len(self.seen) >= self.SEEN_MAX:
-                self.seen.clear()
-            self.seen[rest] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
-
-
-_MEMO = _Memo()
-_NIL, _FIXARRAY3, _STR8, _STR16 = 0xC0, 0x93, 0xD9, 0xDA
-
-
-def _after_key(buf, start: int) -> int:
-    """Where the header's key ends (the header is msgpack ``[key, fields, arrays]``), or 0 when it is not laid
-    out as lmdbkit writes it (then the header is unpacked in full, which names what is wrong)."""
-    if start < PREFIX_SIZE + 2 or buf[PREFIX_SIZE] != _FIXARRAY3:
-        return 0
-    b = buf[PREFIX_SIZE + 1]
-    if b == _NIL:
-        at = PREFIX_SIZE + 2
-    elif 0xA0 <= b <= 0xBF:  # a str of up to 31 bytes
-        at = PREFIX_SIZE + 2 + b - 0xA0
-    elif b == _STR8 and start > PREFIX_SIZE + 2:
-        at = PREFIX_SIZE + 3 + buf[PREFIX_SIZE + 2]
-    elif b == _STR16 and start > PREFIX_SIZE + 3:
-        at = PREFIX_SIZE + 4 + (buf[PREFIX_SIZE + 2] << 8 | buf[PREFIX_SIZE + 3])
-    else:
-        return 0
-    return at if at < start else 0
-
-
-def _key(buf, at: int) -> str | None:
-    """The key that ends at ``at`` (see ``_after_key``); UnicodeDecodeError for bytes that are not UTF-8."""
-    b = buf[PREFIX_SIZE + 1]
-    if b == _NIL:
-        return None
-    skip = 2 if b <= 0xBF else 3 if b == _STR8 else 4
-    return bytes(buf[PREFIX_SIZE + skip:at]).decode()
+_MEMO = headers.Memo()
 
 
 def _rest(buf) -> tuple[int, int, int, bytes] | None:
@@ -466,7 +407,7 @@ def _rest(buf) -> tuple[int, int, int, bytes] | None:
     start = PREFIX_SIZE + hlen
     if magic != MAGIC or version != VERSION or start > len(buf):
         return None
-    at = _after_key(buf, start)
+    at = headers.after_key(buf, PREFIX_SIZE, start)
     return (start, stored, at, bytes(buf[at:start])) if at else None
 
 
@@ -478,7 +419,7 @@ def _seen(buf, rest: tuple[int, int, int, bytes], with_key: bool) -> tuple | Non
     if entry is None or entry[2] > len(buf) - start:
         return None
     try:
-        key = _key(buf, at) if with_key else None
+        key = headers.key(buf, PREFIX_SIZE, at) if with_key else None
     except UnicodeDecodeError:
         return None
     return start, stored, key, dict(entry[0]), entry[1], True
@@ -823,7 +764,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             start = PREFIX_SIZE + hlen
             if magic != MAGIC or version != VERSION or start > size:
                 raise ValueError
-            cut = _after_key(buf, start) if hits or b < BATCH_LOOKS else 0
+            cut = headers.after_key(buf, PREFIX_SIZE, start) if hits or b < BATCH_LOOKS else 0
             rest = bytes(buf[cut:start]) if cut else None
             hit = seen.get(rest)
             if hit is None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from lmdbkit import codec
+from lmdbkit import codec, headers
 from lmdbkit.errors import CorruptItemError, EncodeError, LmdbkitError
 
 NUMPY_DTYPES = ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -262,11 +262,11 @@ def test_large_payloads_start_on_a_cache_line_in_the_map(tmp_path):
             assert got["label"] == i and r.key_of(i) == keys[i]
 
 
-# -- headers seen before (codec._SEEN): items of one schema and metadata differ only in their keys ------------
+# -- headers seen before (lmdbkit.headers): items of one schema and metadata differ only in their keys ------------
 
 @pytest.mark.parametrize("key", [None, "7", "k" * 31, "é" * 40, "x" * 300])  # nil, fixstr, str8, str16
 def test_a_header_seen_before_skips_msgpack_and_keeps_each_items_key(key, monkeypatch):
-    monkeypatch.setattr(codec, "_MEMO", codec._Memo())
+    monkeypatch.setattr(codec, "_MEMO", headers.Memo())
     x = np.arange(256, dtype=np.float32)
     codec.decode(codec.encode({"x": x, "label": 3}, "first"))
     calls = []
@@ -307,19 +307,19 @@ def test_a_seen_header_does_not_hide_a_short_payload_or_a_bad_key():
 
 
 def test_the_memo_is_bounded(monkeypatch):
-    monkeypatch.setattr(codec._Memo, "SEEN_MAX", 8)
-    monkeypatch.setattr(codec, "_MEMO", codec._Memo())
+    monkeypatch.setattr(headers.Memo, "SEEN_MAX", 8)
+    monkeypatch.setattr(codec, "_MEMO", headers.Memo())
     for i in range(20):
         codec.decode(codec.encode({"x": np.zeros(2, np.float32), "label": i}))
     assert 0 < len(codec._MEMO.seen) <= 8
 
 
 def test_the_memo_rests_while_no_header_repeats(monkeypatch):
-    monkeypatch.setattr(codec._Memo, "REST", 50)
-    memo = codec._Memo()
+    monkeypatch.setattr(headers.Memo, "REST", 50)
+    memo = headers.Memo()
     monkeypatch.setattr(codec, "_MEMO", memo)
     x = np.zeros(2, np.float32)
-    unique = [codec.encode({"x": x, "id": f"utt{i}"}) for i in range(codec._Memo.MISSES_MAX + 1)]
+    unique = [codec.encode({"x": x, "id": f"utt{i}"}) for i in range(headers.Memo.MISSES_MAX + 1)]
     for buf in unique:
         codec.decode(buf)
     assert memo.resting == 50 and not memo.seen  # every header missed: it stopped keeping them
@@ -331,10 +331,10 @@ def test_the_memo_rests_while_no_header_repeats(monkeypatch):
 @pytest.mark.parametrize("sample", [{"x": np.zeros(2, np.float32), "tags": ["a"]},  # nested: never kept
                                     {"x": np.zeros(64, np.float32)}])  # compressed below: never kept
 def test_the_memo_rests_for_headers_it_cannot_keep(sample, monkeypatch):
-    memo = codec._Memo()
+    memo = headers.Memo()
     monkeypatch.setattr(codec, "_MEMO", memo)
     buf = codec.encode(sample, compression=None if "tags" in sample else "zlib")
-    for _ in range(codec._Memo.MISSES_MAX + 1):
+    for _ in range(headers.Memo.MISSES_MAX + 1):
         codec.decode(buf)
     assert memo.resting and not memo.seen
 
