@@ -36,6 +36,7 @@ import numpy as np
 import xxhash
 
 from . import headers
+from .headers import after_key as _after_key, key as _key
 from .errors import CorruptItemError, EncodeError, LmdbkitError
 
 MAGIC = b"LK"
@@ -367,22 +368,30 @@ def parse(buf) -> tuple[int, int, str | None, dict, list]:
 
 def _parse(buf, with_key: bool = True) -> tuple[int, int, str | None, dict, list, bool]:
     """``parse``, and whether the fields are flat (no metadata list, dict or nested array to decode). The key
-    may be left None when not ``with_key``."""
-    memo = _MEMO
-    rest = None
+    may be left None when not ``with_key``. A header seen before but for its key is taken from the memo
+    (``headers``); this runs for every item read, so the memo's lookup is inline."""
+    memo, rest = _MEMO, None
     if memo.resting:
         memo.resting -= 1
-    else:
-        rest = _rest(buf)
-        seen = None if rest is None else _seen(buf, rest, with_key)
-        if seen is not None:
-            memo.misses = 0
-            return seen
+    elif len(buf) >= PREFIX_SIZE:
+        magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
+        start = PREFIX_SIZE + hlen
+        at = _after_key(buf, PREFIX_SIZE, start) if magic == MAGIC and version == VERSION and start <= len(buf) else 0
+        if at:
+            rest = bytes(buf[at:start])
+            entry = memo.seen.get(rest)
+            if entry is not None and entry[2] <= len(buf) - start:
+                try:
+                    key = _key(buf, PREFIX_SIZE, at) if with_key else None
+                    memo.misses = 0
+                    return start, stored, key, dict(entry[0]), entry[1], True
+                except UnicodeDecodeError:
+                    pass  # _header names the error
     start, stored, key, fields, arrays = _header(buf)
     checked = _checked_like_last(arrays, len(buf) - start)
     flat = _flat(fields)
     if not memo.resting:
-        memo.remember(rest and rest[3], fields, checked, flat)
+        memo.remember(rest, fields, checked, flat)
     return start, stored, key, fields, checked, flat
 
 
@@ -396,33 +405,6 @@ def _flat(fields: dict) -> bool:
 
 
 _MEMO = headers.Memo()
-
-
-def _rest(buf) -> tuple[int, int, int, bytes] | None:
-    """(payload start, stored checksum, where the key ends, the header's bytes after the key: the memo's key) of
-    an item laid out as lmdbkit writes it; else None."""
-    if len(buf) < PREFIX_SIZE:
-        return None
-    magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
-    start = PREFIX_SIZE + hlen
-    if magic != MAGIC or version != VERSION or start > len(buf):
-        return None
-    at = headers.after_key(buf, PREFIX_SIZE, start)
-    return (start, stored, at, bytes(buf[at:start])) if at else None
-
-
-def _seen(buf, rest: tuple[int, int, int, bytes], with_key: bool) -> tuple | None:
-    """What ``_parse`` returns, for an item whose header after its key was seen before (``rest``: ``_rest``'s);
-    else None."""
-    start, stored, at, after = rest
-    entry = _MEMO.seen.get(after)
-    if entry is None or entry[2] > len(buf) - start:
-        return None
-    try:
-        key = headers.key(buf, PREFIX_SIZE, at) if with_key else None
-    except UnicodeDecodeError:
-        return None
-    return start, stored, key, dict(entry[0]), entry[1], True
 
 
 # the last item's descriptors as stored, checked, and the lowest and highest payload byte they reach
@@ -764,7 +746,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             start = PREFIX_SIZE + hlen
             if magic != MAGIC or version != VERSION or start > size:
                 raise ValueError
-            cut = headers.after_key(buf, PREFIX_SIZE, start) if hits or b < BATCH_LOOKS else 0
+            cut = _after_key(buf, PREFIX_SIZE, start) if hits or b < BATCH_LOOKS else 0
             rest = bytes(buf[cut:start]) if cut else None
             hit = seen.get(rest)
             if hit is None:
