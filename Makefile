@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast clean
 
-$(VENV)/.setup-done: pyproject.toml
+$(VENV)/.setup-done: pyproject.toml setup.py lmdbkit/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH)

@@ -37,6 +37,7 @@ import xxhash
 
 from . import headers
 from .headers import after_key as _after_key, key as _key
+from .speedups import C as _C
 from .errors import CorruptItemError, EncodeError, LmdbkitError
 
 MAGIC = b"LK"
@@ -373,12 +374,10 @@ def _parse(buf, with_key: bool = True) -> tuple[int, int, str | None, dict, list
     memo, rest = _MEMO, None
     if memo.resting:
         memo.resting -= 1
-    elif len(buf) >= PREFIX_SIZE:
-        magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
-        start = PREFIX_SIZE + hlen
-        at = _after_key(buf, PREFIX_SIZE, start) if magic == MAGIC and version == VERSION and start <= len(buf) else 0
-        if at:
-            rest = bytes(buf[at:start])
+    else:
+        head = _C.head(buf) if _C is not None else _head(buf)
+        if head is not None:
+            start, stored, at, rest = head
             entry = memo.seen.get(rest)
             if entry is not None and entry[2] <= len(buf) - start:
                 try:
@@ -393,6 +392,20 @@ def _parse(buf, with_key: bool = True) -> tuple[int, int, str | None, dict, list
     if not memo.resting:
         memo.remember(rest, fields, checked, flat)
     return start, stored, key, fields, checked, flat
+
+
+def _head(buf) -> tuple[int, int, int, bytes] | None:
+    """(payload start, stored checksum, where the header's key ends, the header's bytes after the key) of an
+    item laid out as lmdbkit writes it, else None (``_header`` then names what is wrong). ``speedups.C.head``
+    is the same in C."""
+    if len(buf) < PREFIX_SIZE:
+        return None
+    magic, version, _flags, hlen, stored = _PREFIX.unpack_from(buf, 0)
+    start = PREFIX_SIZE + hlen
+    if magic != MAGIC or version != VERSION or start > len(buf):
+        return None
+    at = _after_key(buf, PREFIX_SIZE, start)
+    return (start, stored, at, bytes(buf[at:start])) if at else None
 
 
 def _flat(fields: dict) -> bool:
@@ -734,10 +747,15 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     low = min((d[4] for d in layout.arrays), default=0)
     meta_keys = [k for k in layout.order if k not in names]
     nested = (list, dict, msgpack.ExtType)
-    metas = []
+    metas: list = [None] * len(bufs)
     seen: dict[bytes, tuple[dict, int]] = {}  # the rest of a flat header after its key: (its fields, shift)
     hits = 0  # (a batch whose first items share no header likely shares none: it stops looking)
-    for b, buf in enumerate(bufs):
+
+    def one(b: int, look: bool = False) -> bool:
+        """Decode item b into metas[b] and its rows; False when its fields or descriptors differ. ``look``:
+        look its header up among those met before, however the batch went so far."""
+        nonlocal hits
+        buf = bufs[b]
         if type(buf) is not memoryview:
             buf = memoryview(buf)
         size = len(buf)
@@ -746,7 +764,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             start = PREFIX_SIZE + hlen
             if magic != MAGIC or version != VERSION or start > size:
                 raise ValueError
-            cut = _after_key(buf, PREFIX_SIZE, start) if hits or b < BATCH_LOOKS else 0
+            cut = _after_key(buf, PREFIX_SIZE, start) if look or hits or b < BATCH_LOOKS else 0
             rest = bytes(buf[cut:start]) if cut else None
             hit = seen.get(rest)
             if hit is None:
@@ -759,11 +777,11 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             hits += 1
         else:
             if type(fields) is not dict or fields.keys() != keys0:
-                return None
+                return False
             # C-level comparison; items of 64 KiB+ may differ in their offsets' alignment pad
             shift = 0 if arrays == stored0 else _shift(arrays, stored0)
             if shift is None:
-                return None
+                return False
             if rest is not None and not any(type(fields[k]) in nested for k in meta_keys):
                 seen[rest] = fields, shift  # flat: its items share this dict, which nothing changes
         at = start + shift  # where the first item's offsets point in this one
@@ -781,8 +799,45 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
             v = fields[k]
             if type(v) in nested:  # metadata lists and dicts, and arrays nested in them
                 fields[k] = _walk(v, _Ctx(buf, start, stored, checks[b], decode_to, torch, complex32), 0)
-        metas.append(fields)
+        metas[b] = fields
+        return True
+
+    if _C is not None and not written and not wide and not any(checks):
+        shared = _in_c(bufs, plain, need, one, seen)
+        if shared is not None:
+            return shared or None
+    for b in range(len(bufs)):
+        if metas[b] is None and not one(b):
+            return None
     return metas
+
+
+def _in_c(bufs: list, plain: list, need: int, one: Callable[[int, bool], bool], seen: dict) -> list | bool | None:
+    """decode_layout's items in C (``speedups``) when most share a flat header but for their key: the first
+    item of each header is decoded by ``one`` (which keeps it in ``seen``), then every other one is checked
+    against its buffer's length and copied into its rows by ``C.copy_rows``. Returns their fields, False when
+    an item's layout differs, or None to go on item by item (headers that do not repeat, or nested ones; the
+    items ``one`` decoded are done)."""
+    starts, rests = _C.heads(bufs)
+    firsts = {r: None for r in rests}
+    if None in firsts or 4 * len(firsts) > len(bufs):
+        return None
+    for r in firsts:
+        firsts[r] = b = rests.index(r)
+        if not one(b, True):
+            return False
+    hits = list(map(seen.get, rests))
+    if None in hits:
+        return None
+    ats = [start + hit[1] for start, hit in zip(starts, hits)]  # where the first item's offsets point in each
+    for b in firsts.values():
+        ats[b] = None  # done by ``one``
+    try:
+        _C.copy_rows(bufs, ats, plain, need)  # the one copy of each array
+    except ValueError as exc:
+        b = exc.args[0]
+        raise _corrupt(f"arrays run past the {len(bufs[b]) - starts[b]}-byte payload") from None
+    return [hit[0] for hit in hits]
 
 
 def _shift(arrays: list, stored0: list) -> int | None:

@@ -250,7 +250,7 @@ class Reader:
         if found is None:
             return None
         try:
-            return runs.item(found[1], int.from_bytes(found[0], "big"), i, self.verify)
+            return runs.in_found(found, i, self.verify)
         except CorruptItemError as exc:
             raise exc.at(self.path, i) from exc
 

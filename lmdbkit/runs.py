@@ -28,6 +28,7 @@ import xxhash
 
 from . import codec
 from .errors import CorruptItemError
+from .speedups import C as _C
 
 MAGIC = b"LR"
 VERSION = 2
@@ -144,8 +145,23 @@ def _explain(run, last: int, i: int, verify: bool) -> None:
     raise _corrupt(f"item {i} spans bytes {start}..{end} of {len(run)}")
 
 
+def in_found(found: tuple, i: int, verify: bool = False) -> memoryview:
+    """``item`` for the (8-byte big-endian key, run) that a lookup found for index ``i``."""
+    if _C is not None and not verify:
+        try:
+            return _C.item_in_run(found, i)
+        except ValueError:
+            pass  # not the common case: ``item`` names what is wrong
+    return item(found[1], int.from_bytes(found[0], "big"), i, verify)
+
+
 def slices(found: list, indices: list[int], verify: bool = False) -> list:
     """``item`` for each (8-byte big-endian key, run) that a lookup found for each index (None stays None)."""
+    if _C is not None and not verify:
+        try:
+            return _C.items_in_runs(found, indices if type(indices) is list else list(indices))
+        except ValueError:
+            pass  # one is not the common case: ``item`` names what is wrong
     return [None if f is None else item(f[1], int.from_bytes(f[0], "big"), i, verify)
             for f, i in zip(found, indices)]
 

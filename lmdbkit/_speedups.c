@@ -1,0 +1,291 @@
+/* lmdbkit._speedups: the per-item steps of a read, in C (optional: lmdbkit runs the same steps in Python
+ * without it, and LMDBKIT_PURE_PYTHON=1 makes it do so).
+ *
+ * Each function checks every offset it reads against its buffer's length and reports what it cannot take
+ * (a malformed run or header) by returning a marker or raising ValueError; the Python code then takes that
+ * item the slow way, which names the error (CorruptItemError). So these functions never decide what is
+ * corrupt, only what is the common case, and they never read outside a buffer.
+ *
+ * Layouts (little-endian), see lmdbkit/runs.py and lmdbkit/codec.py:
+ *   a run:  "LR" u8 version(2) u8 flags u32 n u64 checksum, then u32 starts[n + 1], ..., the items
+ *   an item: "LK" u8 version(1) u8 flags u32 header length u64 checksum, then the msgpack header
+ *            [key, fields, arrays] (a fixarray of 3 whose key is nil or a str), then the payload
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define HEAD_SIZE 16   /* a run's head, and an item's prefix: the same size */
+#define RUN_VERSION 2
+#define ITEM_VERSION 1
+
+static uint32_t u32le(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* Where item j of ``run`` (len bytes) starts and ends; 0 when the run's head or table does not allow it. */
+static int run_span(const unsigned char *run, Py_ssize_t len, long long i, long long last,
+                    Py_ssize_t *start, Py_ssize_t *end) {
+    if (len < HEAD_SIZE || run[0] != 'L' || run[1] != 'R' || run[2] != RUN_VERSION)
+        return 0;
+    long long n = u32le(run + 4);
+    long long j = i - last + n - 1;
+    if (j < 0 || j >= n || HEAD_SIZE + 4 * (n + 1) > len)
+        return 0;
+    *start = u32le(run + HEAD_SIZE + 4 * j);
+    *end = u32le(run + HEAD_SIZE + 4 * (j + 1));
+    return HEAD_SIZE + 4 * (n + 1) <= *start && *start <= *end && *end <= len;
+}
+
+/* The bytes of item i in ``f``, the (8-byte big-endian key, run) that a ranged lookup found for it: a
+ * memoryview slice of the run (a new reference), or NULL with ValueError set when the key or the run does
+ * not hold it as the common case has it. */
+static PyObject *take(PyObject *f, long long i) {
+    if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 2)
+        goto bad;
+    Py_buffer key, run;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(f, 0), &key, PyBUF_SIMPLE) < 0)
+        return NULL;
+    unsigned long long last = 0;
+    int key_ok = key.len == 8;
+    for (int b = 0; key_ok && b < 8; b++)
+        last = last << 8 | ((const unsigned char *)key.buf)[b];
+    PyBuffer_Release(&key);
+    if (!key_ok || last >> 62)
+        goto bad;
+    PyObject *value = PyTuple_GET_ITEM(f, 1);
+    if (PyObject_GetBuffer(value, &run, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t start, end;
+    int ok = run_span(run.buf, run.len, i, (long long)last, &start, &end);
+    PyBuffer_Release(&run);
+    if (!ok)
+        goto bad;
+    if (PyMemoryView_Check(value))
+        return PySequence_GetSlice(value, start, end);
+    PyObject *view = PyMemoryView_FromObject(value);
+    if (view == NULL)
+        return NULL;
+    PyObject *slice = PySequence_GetSlice(view, start, end);
+    Py_DECREF(view);
+    return slice;
+bad:
+    PyErr_SetString(PyExc_ValueError, "not an item of its run as lmdbkit writes it");
+    return NULL;
+}
+
+/* item_in_run(found, i) -> memoryview: item i's bytes in the (key, run) found for it (runs.item); ValueError
+ * when the key or the run does not hold it (runs.item names the error). */
+static PyObject *item_in_run(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *f;
+    long long i;
+    if (!PyArg_ParseTuple(args, "OL", &f, &i))
+        return NULL;
+    return take(f, i);
+}
+
+/* items_in_runs(found, indices) -> list: item_in_run for each (key, run) found and its index; None stays
+ * None (runs.slices). */
+static PyObject *items_in_runs(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *found, *indices;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &found, &PyList_Type, &indices))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(found);
+    if (PyList_GET_SIZE(indices) != count) {
+        PyErr_SetString(PyExc_ValueError, "found and indices differ in length");
+        return NULL;
+    }
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *f = PyList_GET_ITEM(found, k), *item;
+        if (f == Py_None) {
+            Py_INCREF(Py_None);
+            item = Py_None;
+        } else {
+            long long i = PyLong_AsLongLong(PyList_GET_ITEM(indices, k));
+            item = (i == -1 && PyErr_Occurred()) ? NULL : take(f, i);
+        }
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k, item);
+    }
+    return out;
+}
+
+/* Where the key of the header buf[HEAD_SIZE:end] ends, or 0 when it is not laid out as lmdbkit writes it
+ * (headers.after_key). */
+static Py_ssize_t after_key(const unsigned char *buf, Py_ssize_t end) {
+    const Py_ssize_t b0 = HEAD_SIZE;
+    if (end < b0 + 2 || buf[b0] != 0x93)
+        return 0;
+    unsigned char b = buf[b0 + 1];
+    Py_ssize_t at;
+    if (b == 0xC0)
+        at = b0 + 2;
+    else if (b >= 0xA0 && b <= 0xBF)
+        at = b0 + 2 + (b - 0xA0);
+    else if (b == 0xD9 && end > b0 + 2)
+        at = b0 + 3 + buf[b0 + 2];
+    else if (b == 0xDA && end > b0 + 3)
+        at = b0 + 4 + ((Py_ssize_t)buf[b0 + 2] << 8 | buf[b0 + 3]);
+    else
+        return 0;
+    return at < end ? at : 0;
+}
+
+/* The common case of an item's prefix and header: sets *start (where the payload starts), *stored (the
+ * checksum) and *at (where the header's key ends); 0 when the item is not laid out that way. */
+static int item_head(const unsigned char *p, Py_ssize_t len, Py_ssize_t *start, Py_ssize_t *at,
+                     unsigned long long *stored) {
+    if (len < HEAD_SIZE || p[0] != 'L' || p[1] != 'K' || p[2] != ITEM_VERSION)
+        return 0;
+    Py_ssize_t s = HEAD_SIZE + (Py_ssize_t)u32le(p + 4);
+    if (s > len || (*at = after_key(p, s)) == 0)
+        return 0;
+    *start = s;
+    *stored = (unsigned long long)u32le(p + 8) | (unsigned long long)u32le(p + 12) << 32;
+    return 1;
+}
+
+/* head(buf) -> (payload start, stored checksum, where the key ends, the header's bytes after the key), or
+ * None when the item is not laid out as lmdbkit writes it (codec._parse then unpacks it in full). */
+static PyObject *head(PyObject *Py_UNUSED(self), PyObject *arg) {
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t start, at;
+    unsigned long long stored;
+    PyObject *out;
+    if (item_head(v.buf, v.len, &start, &at, &stored))
+        out = Py_BuildValue("nKny#", start, stored, at, (const char *)v.buf + at, start - at);
+    else
+        out = (Py_INCREF(Py_None), Py_None);
+    PyBuffer_Release(&v);
+    return out;
+}
+
+/* heads(bufs) -> (starts, rests): for each item, where its payload starts and its header's bytes after the
+ * key (the key of the header memo); start -1 and rest None for an item whose prefix or header is not the
+ * common case (decode that one in Python). */
+static PyObject *heads(PyObject *Py_UNUSED(self), PyObject *arg) {
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "heads() takes a list of buffers");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(arg);
+    PyObject *starts = PyList_New(count), *rests = PyList_New(count);
+    if (starts == NULL || rests == NULL)
+        goto fail;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(arg, k), &v, PyBUF_SIMPLE) < 0)
+            goto fail;
+        const unsigned char *p = v.buf;
+        Py_ssize_t start, at;
+        unsigned long long stored;
+        if (!item_head(p, v.len, &start, &at, &stored))
+            start = -1;
+        PyObject *rest = start < 0 ? (Py_INCREF(Py_None), Py_None)
+                                   : PyBytes_FromStringAndSize((const char *)p + at, start - at);
+        PyBuffer_Release(&v);
+        PyObject *st = PyLong_FromSsize_t(start);
+        if (rest == NULL || st == NULL) {
+            Py_XDECREF(rest);
+            Py_XDECREF(st);
+            goto fail;
+        }
+        PyList_SET_ITEM(starts, k, st);
+        PyList_SET_ITEM(rests, k, rest);
+    }
+    PyObject *out = PyTuple_Pack(2, starts, rests);
+    Py_DECREF(starts);
+    Py_DECREF(rests);
+    return out;
+fail:
+    Py_XDECREF(starts);
+    Py_XDECREF(rests);
+    return NULL;
+}
+
+/* copy_rows(bufs, ats, copies, need) -> None: for each item b, copy, for each
+ * (destination, offset, length) in ``copies``, bufs[b][ats[b] + offset:][:length] into the destination's
+ * bytes [b * length, (b + 1) * length). ats[b] None skips item b. ValueError(b) for the first item whose
+ * arrays would run past its buffer (ats[b] + need > its length); the destinations are checked first. */
+static PyObject *copy_rows(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *bufs, *ats, *copies;
+    Py_ssize_t need;
+    if (!PyArg_ParseTuple(args, "O!O!O!n", &PyList_Type, &bufs, &PyList_Type, &ats, &PyList_Type, &copies, &need))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(bufs), ncopies = PyList_GET_SIZE(copies);
+    if (PyList_GET_SIZE(ats) != count || need < 0 || ncopies > 64) {
+        PyErr_SetString(PyExc_ValueError, "copy_rows: inconsistent arguments");
+        return NULL;
+    }
+    Py_buffer dest[64];
+    Py_ssize_t off[64], len[64];
+    Py_ssize_t held = 0;
+    for (; held < ncopies; held++) {
+        PyObject *c = PyList_GET_ITEM(copies, held);
+        if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 3) {
+            PyErr_SetString(PyExc_TypeError, "copy_rows: copies are (destination, offset, length)");
+            goto fail;
+        }
+        off[held] = PyLong_AsSsize_t(PyTuple_GET_ITEM(c, 1));
+        len[held] = PyLong_AsSsize_t(PyTuple_GET_ITEM(c, 2));
+        if (PyErr_Occurred())
+            goto fail;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(c, 0), &dest[held], PyBUF_WRITABLE) < 0)
+            goto fail;
+        if (off[held] < 0 || len[held] < 0 || off[held] + len[held] > need || dest[held].len < count * len[held]) {
+            PyBuffer_Release(&dest[held]);
+            PyErr_SetString(PyExc_ValueError, "copy_rows: a destination too small or a copy past need");
+            goto fail;
+        }
+    }
+    for (Py_ssize_t b = 0; b < count; b++) {
+        PyObject *at_obj = PyList_GET_ITEM(ats, b);
+        if (at_obj == Py_None)
+            continue;
+        Py_ssize_t at = PyLong_AsSsize_t(at_obj);
+        if (at == -1 && PyErr_Occurred())
+            goto fail;
+        Py_buffer v;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(bufs, b), &v, PyBUF_SIMPLE) < 0)
+            goto fail;
+        if (at < 0 || at + need > v.len) {
+            PyBuffer_Release(&v);
+            PyObject *pos = PyLong_FromSsize_t(b);
+            PyErr_SetObject(PyExc_ValueError, pos);
+            Py_XDECREF(pos);
+            goto fail;
+        }
+        for (Py_ssize_t c = 0; c < ncopies; c++)
+            memcpy((char *)dest[c].buf + b * len[c], (const char *)v.buf + at + off[c], len[c]);
+        PyBuffer_Release(&v);
+    }
+    while (held > 0)
+        PyBuffer_Release(&dest[--held]);
+    Py_RETURN_NONE;
+fail:
+    while (held > 0)
+        PyBuffer_Release(&dest[--held]);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"item_in_run", item_in_run, METH_VARARGS, "An item's bytes in the (key, run) found for it."},
+    {"items_in_runs", items_in_runs, METH_VARARGS, "Each index's item bytes in the (key, run) found for it."},
+    {"head", head, METH_O, "(payload start, checksum, key end, header bytes after the key) of an item."},
+    {"heads", heads, METH_O, "(payload starts, header bytes after the key) of each item."},
+    {"copy_rows", copy_rows, METH_VARARGS, "Copy each item's arrays into its rows of the destinations."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__speedups(void) { return PyModule_Create(&module); }

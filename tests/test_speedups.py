@@ -1,0 +1,188 @@
+"""The compiled part of the read path (lmdbkit._speedups, see lmdbkit.speedups): built here, the same results
+as the pure-Python steps it stands for, and only ever the common case: whatever it declines, Python takes and
+names. Random and mutated runs and items must never crash it or make it disagree with Python."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import lmdbkit
+from lmdbkit import codec, runs, speedups
+from lmdbkit.errors import CorruptItemError
+
+C = speedups.C
+needs_c = pytest.mark.skipif(C is None, reason="lmdbkit._speedups is not built here")
+
+
+@pytest.fixture
+def pure(monkeypatch):
+    """The pure-Python read path in this process (as with LMDBKIT_PURE_PYTHON=1)."""
+    monkeypatch.setattr(runs, "_C", None)
+    monkeypatch.setattr(codec, "_C", None)
+
+
+def items(n, label=lambda i: i % 3, key=lambda i: f"k{i}"):
+    return [codec.encode({"x": np.full(8, i, np.float32), "label": label(i)}, key(i)) for i in range(n)]
+
+
+RUN = runs.pack(items(5))  # items 10..14 of a database: the run's key is 14
+KEY = (14).to_bytes(8, "big")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_the_extension_is_built_where_a_compiler_is():
+    assert C is not None, "make setup (pip install -e .) should have built lmdbkit/_speedups.c"
+
+
+def test_lmdbkit_reads_the_same_in_pure_python(small_db):
+    script = textwrap.dedent(f"""
+        import lmdbkit, lmdbkit.speedups as s
+        assert s.C is None
+        with lmdbkit.Reader({str(small_db)!r}) as r:
+            assert r[7]["i"] == 7 and [x["i"] for x in r.read_many([3, 99, 0])] == [3, 99, 0]
+        batch = lmdbkit.LMDBDataset({str(small_db)!r}, prebatch=True).__getitems__(list(range(0, 100, 7)))
+        assert batch["i"].tolist() == list(range(0, 100, 7))
+        """)
+    env = {"LMDBKIT_PURE_PYTHON": "1", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+
+
+@needs_c
+def test_an_item_in_its_run_is_the_same_slice_as_pythons():
+    for i in range(10, 15):
+        got = C.item_in_run((KEY, memoryview(RUN)), i)
+        assert type(got) is memoryview and bytes(got) == bytes(runs.item(RUN, 14, i))
+    assert [bytes(x) for x in C.items_in_runs([(KEY, RUN), None], [12, 3])[:1]] == [bytes(runs.item(RUN, 14, 12))]
+    assert C.items_in_runs([None], [3]) == [None]
+    for i in (9, 15, -1):  # not in this run: declined, and runs.item says why
+        with pytest.raises(ValueError):
+            C.item_in_run((KEY, RUN), i)
+        with pytest.raises(CorruptItemError, match="is not among its 5 items"):
+            runs.in_found((KEY, RUN), i)
+    for bad in ((b"\x00" * 7, RUN), (KEY,), "not a tuple"):
+        with pytest.raises(ValueError):
+            C.item_in_run(bad, 12)
+
+
+@needs_c
+@settings(max_examples=2000, deadline=None)
+@example([(4, 255)], 10**6)  # n past the table
+@example([(16, 250)], 10**6)  # item 0 starting before the table's end
+@given(st.lists(st.tuples(st.integers(0, 10**5), st.integers(0, 255)), max_size=4), st.integers(0, 10**6))
+def test_a_damaged_run_is_declined_or_read_as_python_reads_it(flips, cut):
+    data = bytearray(RUN)
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    data = bytes(data[:cut % (len(data) + 1)])
+    for i in range(9, 16):
+        try:
+            got = bytes(C.item_in_run((KEY, data), i))
+        except ValueError:
+            got = None
+        try:
+            want = bytes(runs.item(data, 14, i))
+        except CorruptItemError:
+            want = None
+        assert got is None or got == want  # the C part never reads what Python would refuse
+
+
+@needs_c
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(items(3, key=lambda i: [None, "7", "k" * 31, "é" * 40, "x" * 300][i % 5]) +
+                       items(2, key=lambda i: "x" * 300)),
+       st.lists(st.tuples(st.integers(0, 10**4), st.integers(0, 255)), max_size=4), st.integers(0, 10**6))
+def test_an_items_head_is_pythons_for_any_bytes(valid, flips, cut):
+    data = bytearray(valid)
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    data = bytes(data[:cut % (len(data) + 1)])
+    assert C.head(data) == codec._head(data)
+    assert C.heads([data, valid]) == ([-1 if h is None else h[0] for h in (codec._head(data), codec._head(valid))],
+                                      [None if h is None else h[3] for h in (codec._head(data), codec._head(valid))])
+
+
+@needs_c
+def test_copy_rows_copies_each_items_arrays_and_checks_every_bound():
+    bufs = [bytes(range(40)), bytes(range(100, 140))]
+    dest = bytearray(8)
+    C.copy_rows(bufs, [4, 10], [(dest, 2, 4)], 6)
+    assert bytes(dest) == bytes([6, 7, 8, 9, 112, 113, 114, 115])
+    C.copy_rows(bufs, [None, 0], [(dest, 0, 4)], 4)  # None: skipped
+    assert bytes(dest) == bytes([6, 7, 8, 9, 100, 101, 102, 103])
+    with pytest.raises(ValueError) as exc:
+        C.copy_rows(bufs, [0, 35], [(dest, 0, 4)], 6)  # item 1's arrays would run past its 40 bytes
+    assert exc.value.args == (1,)
+    for ats, copies, need in (([-1, 0], [(dest, 0, 4)], 4),  # before the buffer
+                              ([0, 0], [(bytearray(7), 0, 4)], 4),  # a destination too small
+                              ([0, 0], [(dest, 2, 4)], 4)):  # a copy past need
+        with pytest.raises(ValueError):
+            C.copy_rows(bufs, ats, copies, need)
+    with pytest.raises(BufferError):
+        C.copy_rows(bufs, [0, 0], [(bytes(8), 0, 4)], 4)  # read-only destination
+
+
+def _batch(bufs):
+    layout = codec.batch_layout(bufs)
+    dest = {"x": np.zeros((len(bufs), 8), np.float32)}
+    return codec.decode_layout(bufs, layout, dest, verify=False), dest["x"]
+
+
+@needs_c
+@pytest.mark.parametrize("case", ["repeating", "unique", "nested", "keys of every width"])
+def test_a_batch_decodes_in_c_as_in_python(case, monkeypatch):
+    if case == "nested":
+        bufs = [codec.encode({"x": np.full(8, i, np.float32), "label": i % 2, "tags": [i]}, f"k{i}") for i in range(40)]
+    elif case == "unique":
+        bufs = items(40, label=lambda i: f"utt{i}")
+    elif case == "keys of every width":
+        bufs = items(40, key=lambda i: [None, "7", "k" * 31, "é" * 40, "x" * 300][i % 5])
+    else:
+        bufs = items(40)
+    calls = []
+    monkeypatch.setattr(codec, "_C", type("Spy", (), {
+        "heads": staticmethod(lambda b: calls.append("heads") or C.heads(b)),
+        "copy_rows": staticmethod(lambda *a: calls.append("copy_rows") or C.copy_rows(*a))}))
+    metas, x = _batch(bufs)
+    monkeypatch.setattr(codec, "_C", None)
+    want, want_x = _batch(bufs)
+    assert metas == want and np.array_equal(x, want_x) and x[:, 0].tolist() == list(range(40))
+    assert calls == (["heads", "copy_rows"] if case in ("repeating", "keys of every width") else ["heads"])
+
+
+@needs_c
+def test_a_batch_item_short_of_its_arrays_is_named_as_in_python(pure):
+    bufs = items(20)
+    bufs[13] = bufs[13][:-4]
+    with pytest.raises(CorruptItemError, match="arrays run past the 28-byte payload") as in_python:
+        _batch(bufs)
+    codec._C = C
+    with pytest.raises(CorruptItemError) as in_c:
+        _batch(bufs)
+    assert str(in_c.value) == str(in_python.value)
+
+
+@needs_c
+def test_a_batch_whose_layout_differs_is_left_to_item_by_item():
+    bufs = items(20) + [codec.encode({"x": np.zeros(9, np.float32), "label": 0}, "other")]
+    layout = codec.batch_layout(bufs)
+    assert codec.decode_layout(bufs, layout, {"x": np.zeros((21, 8), np.float32)}, verify=False) is None
+
+
+def test_a_packed_database_reads_the_same_either_way(tmp_path, pure):
+    path = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for i in range(300):
+            w.append({"x": np.full(64, i, np.float32), "label": i % 4})
+    order = list(np.random.default_rng(0).permutation(300))
+    ds = lmdbkit.LMDBDataset(path, prebatch=True)
+    want = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
+    codec._C, runs._C = C, C
+    got = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
+    assert want[0] == got[0] == [float(i) for i in order]
+    assert all(np.array_equal(want[1][k], got[1][k]) for k in ("x", "label"))
