@@ -169,17 +169,17 @@ static PyObject *head(PyObject *Py_UNUSED(self), PyObject *arg) {
     return out;
 }
 
-/* heads(bufs) -> (starts, rests): for each item, where its payload starts and its header's bytes after the
- * key (the key of the header memo); start -1 and rest None for an item whose prefix or header is not the
- * common case (decode that one in Python). */
+/* heads(bufs) -> (starts, rests, checksums): for each item, where its payload starts, its header's bytes
+ * after the key (the key of the header memo) and its stored checksum; start -1 and rest and checksum None
+ * for an item whose prefix or header is not the common case (decode that one in Python). */
 static PyObject *heads(PyObject *Py_UNUSED(self), PyObject *arg) {
     if (!PyList_Check(arg)) {
         PyErr_SetString(PyExc_TypeError, "heads() takes a list of buffers");
         return NULL;
     }
     Py_ssize_t count = PyList_GET_SIZE(arg);
-    PyObject *starts = PyList_New(count), *rests = PyList_New(count);
-    if (starts == NULL || rests == NULL)
+    PyObject *starts = PyList_New(count), *rests = PyList_New(count), *sums = PyList_New(count);
+    if (starts == NULL || rests == NULL || sums == NULL)
         goto fail;
     for (Py_ssize_t k = 0; k < count; k++) {
         Py_buffer v;
@@ -188,27 +188,36 @@ static PyObject *heads(PyObject *Py_UNUSED(self), PyObject *arg) {
         const unsigned char *p = v.buf;
         Py_ssize_t start, at;
         unsigned long long stored;
-        if (!item_head(p, v.len, &start, &at, &stored))
-            start = -1;
-        PyObject *rest = start < 0 ? (Py_INCREF(Py_None), Py_None)
-                                   : PyBytes_FromStringAndSize((const char *)p + at, start - at);
+        PyObject *st, *rest, *sum;
+        if (item_head(p, v.len, &start, &at, &stored)) {
+            st = PyLong_FromSsize_t(start);
+            rest = PyBytes_FromStringAndSize((const char *)p + at, start - at);
+            sum = PyLong_FromUnsignedLongLong(stored);
+        } else {
+            st = PyLong_FromLong(-1);
+            rest = (Py_INCREF(Py_None), Py_None);
+            sum = (Py_INCREF(Py_None), Py_None);
+        }
         PyBuffer_Release(&v);
-        PyObject *st = PyLong_FromSsize_t(start);
-        if (rest == NULL || st == NULL) {
-            Py_XDECREF(rest);
+        if (st == NULL || rest == NULL || sum == NULL) {
             Py_XDECREF(st);
+            Py_XDECREF(rest);
+            Py_XDECREF(sum);
             goto fail;
         }
         PyList_SET_ITEM(starts, k, st);
         PyList_SET_ITEM(rests, k, rest);
+        PyList_SET_ITEM(sums, k, sum);
     }
-    PyObject *out = PyTuple_Pack(2, starts, rests);
+    PyObject *out = PyTuple_Pack(3, starts, rests, sums);
     Py_DECREF(starts);
     Py_DECREF(rests);
+    Py_DECREF(sums);
     return out;
 fail:
     Py_XDECREF(starts);
     Py_XDECREF(rests);
+    Py_XDECREF(sums);
     return NULL;
 }
 
@@ -281,7 +290,7 @@ static PyMethodDef methods[] = {
     {"item_in_run", item_in_run, METH_VARARGS, "An item's bytes in the (key, run) found for it."},
     {"items_in_runs", items_in_runs, METH_VARARGS, "Each index's item bytes in the (key, run) found for it."},
     {"head", head, METH_O, "(payload start, checksum, key end, header bytes after the key) of an item."},
-    {"heads", heads, METH_O, "(payload starts, header bytes after the key) of each item."},
+    {"heads", heads, METH_O, "(payload starts, header bytes after the key, checksums) of each item."},
     {"copy_rows", copy_rows, METH_VARARGS, "Copy each item's arrays into its rows of the destinations."},
     {NULL, NULL, 0, NULL},
 };

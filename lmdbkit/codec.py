@@ -802,8 +802,8 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
         metas[b] = fields
         return True
 
-    if _C is not None and not written and not wide and not any(checks):
-        shared = _in_c(bufs, plain, need, one, seen)
+    if _C is not None and not written and not wide:
+        shared = _in_c(bufs, checks, plain, need, one, seen)
         if shared is not None:
             return shared or None
     for b in range(len(bufs)):
@@ -812,13 +812,14 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     return metas
 
 
-def _in_c(bufs: list, plain: list, need: int, one: Callable[[int, bool], bool], seen: dict) -> list | bool | None:
+def _in_c(bufs: list, checks: list[bool], plain: list, need: int, one: Callable[[int, bool], bool],
+          seen: dict) -> list | bool | None:
     """decode_layout's items in C (``speedups``) when most share a flat header but for their key: the first
     item of each header is decoded by ``one`` (which keeps it in ``seen``), then every other one is checked
-    against its buffer's length and copied into its rows by ``C.copy_rows``. Returns their fields, False when
-    an item's layout differs, or None to go on item by item (headers that do not repeat, or nested ones; the
-    items ``one`` decoded are done)."""
-    starts, rests = _C.heads(bufs)
+    against its buffer's length (and its checksum where ``checks`` asks) and copied into its rows by
+    ``C.copy_rows``. Returns their fields, False when an item's layout differs, or None to go on item by item
+    (headers that do not repeat, or nested ones; the items ``one`` decoded are done)."""
+    starts, rests, stored = _C.heads(bufs)
     firsts = {r: None for r in rests}
     if None in firsts or 4 * len(firsts) > len(bufs):
         return None
@@ -829,6 +830,10 @@ def _in_c(bufs: list, plain: list, need: int, one: Callable[[int, bool], bool], 
     hits = list(map(seen.get, rests))
     if None in hits:
         return None
+    if True in checks:
+        hash64 = xxhash.xxh3_64_intdigest
+        if any(want and hash64(memoryview(buf)[PREFIX_SIZE:]) != s for buf, s, want in zip(bufs, stored, checks)):
+            raise _corrupt("checksum mismatch")
     ats = [start + hit[1] for start, hit in zip(starts, hits)]  # where the first item's offsets point in each
     for b in firsts.values():
         ats[b] = None  # done by ``one``

@@ -127,6 +127,30 @@ def test_transformed_rows_are_collated_as_they_are(mixed_db):
     assert torch.equal(default_collate(rows[:2])["x"][1], torch.full((3, 4), 2.0))
 
 
+def test_a_batch_is_its_blocks_only_when_every_row_is_untouched(mixed_db):
+    """block_of hands back the block's tensors only for its own rows, all, in order, arrays and keys untouched."""
+    ds = lmdbkit.LMDBDataset(mixed_db)
+    def rows():
+        return ds.__getitems__([1, 2, 3])
+    assert lkbatch.block_of(rows()) is not None
+    other = rows()
+    edits = {
+        "an array replaced": lambda r: r[1].__setitem__("x", r[1]["x"] + 0),
+        "an array taken out": lambda r: r[2].pop("x"),
+        "a key added": lambda r: r[0].__setitem__("extra", 1),
+        "a row swapped for a copy": lambda r: r.__setitem__(1, lkbatch.Row(r[1])),
+        "a row swapped for a plain dict": lambda r: r.__setitem__(1, dict(r[1])),
+        "a row from another block": lambda r: r.__setitem__(2, other[2]),
+        "two rows in another order": lambda r: r.insert(0, r.pop(1)),
+    }
+    for what, edit in edits.items():
+        batch = rows()
+        edit(batch)
+        assert lkbatch.block_of(batch) is None, what
+        if len({tuple(r) for r in batch}) == 1:  # (rows whose keys differ do not collate, as with default_collate)
+            assert torch.equal(default_collate(batch)["x"], torch.stack([r["x"] for r in batch])), what
+
+
 def test_items_of_different_layouts_are_read_one_by_one(tmp_path):
     p = tmp_path / "var.lmdb"
     with lmdbkit.Writer(p) as w:

@@ -103,8 +103,10 @@ def test_an_items_head_is_pythons_for_any_bytes(valid, flips, cut):
         data[pos % len(data)] = val
     data = bytes(data[:cut % (len(data) + 1)])
     assert C.head(data) == codec._head(data)
-    assert C.heads([data, valid]) == ([-1 if h is None else h[0] for h in (codec._head(data), codec._head(valid))],
-                                      [None if h is None else h[3] for h in (codec._head(data), codec._head(valid))])
+    want = [codec._head(data), codec._head(valid)]
+    assert C.heads([data, valid]) == ([-1 if h is None else h[0] for h in want],
+                                      [None if h is None else h[3] for h in want],
+                                      [None if h is None else h[1] for h in want])
 
 
 @needs_c
@@ -186,3 +188,32 @@ def test_a_packed_database_reads_the_same_either_way(tmp_path, pure):
     got = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
     assert want[0] == got[0] == [float(i) for i in order]
     assert all(np.array_equal(want[1][k], got[1][k]) for k in ("x", "label"))
+
+
+@pytest.mark.parametrize("python", [False, True])
+def test_a_verified_batch_still_names_a_damaged_table_or_item(tmp_path, python, monkeypatch):
+    path = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for i in range(60):
+            w.append({"x": np.full(256, i, np.float32), "label": i % 3})
+    import lmdb
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"items", txn=txn)
+        run = bytearray(txn.get((14).to_bytes(8, "big"), db=db))
+        run[16 + 4 * 4:16 + 4 * 5] = run[16 + 4 * 6:16 + 4 * 7]  # item 3's end moved onto item 5's
+        txn.put((14).to_bytes(8, "big"), bytes(run), db=db)
+        run = bytearray(txn.get((29).to_bytes(8, "big"), db=db))
+        run[-1] ^= 1  # the last byte of item 29's payload
+        txn.put((29).to_bytes(8, "big"), bytes(run), db=db)
+    env.close()
+    if python:
+        monkeypatch.setattr(runs, "_C", None)
+        monkeypatch.setattr(codec, "_C", None)
+    ds = lmdbkit.LMDBDataset(path)  # verify=True
+    with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 3: .*checksum mismatch in its table of item starts"):
+        ds.__getitems__([40, 3, 41])
+    with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 29: .*checksum mismatch"):
+        ds.__getitems__(list(range(15, 45)))
+    assert ds.__getitems__(list(range(30, 60)))[0]["x"][0] == 30
+    assert lmdbkit.LMDBDataset(path, verify=False).__getitems__([29])[0]["x"][-1] != 29  # unverified: read as it is
