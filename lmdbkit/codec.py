@@ -803,7 +803,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
         return True
 
     if _C is not None and not written and not wide:
-        shared = _in_c(bufs, checks, plain, need, one, seen)
+        shared = _in_c(bufs, checks, plain, layout, one, seen)
         if shared is not None:
             return shared or None
     for b in range(len(bufs)):
@@ -812,21 +812,32 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     return metas
 
 
-def _in_c(bufs: list, checks: list[bool], plain: list, need: int, one: Callable[[int, bool], bool],
+def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Callable[[int, bool], bool],
           seen: dict) -> list | bool | None:
-    """decode_layout's items in C (``speedups``) when most share a flat header but for their key: the first
-    item of each header is decoded by ``one`` (which keeps it in ``seen``), then every other one is checked
-    against its buffer's length (and its checksum where ``checks`` asks) and copied into its rows by
-    ``C.copy_rows``. Returns their fields, False when an item's layout differs, or None to go on item by item
-    (headers that do not repeat, or nested ones; the items ``one`` decoded are done)."""
+    """decode_layout's items in C (``speedups``) when most share a flat header but for their key. A header the
+    decoder's memo (``headers``) holds with the layout's very descriptors costs nothing more; the first item
+    of each other header is decoded by ``one`` (which keeps it in ``seen``; the memo keeps it too). Every
+    other item is then checked against its buffer's length (and its checksum where ``checks`` asks) and
+    copied into its rows by ``C.copy_rows``. Returns their fields, False when an item's layout differs, or
+    None to go on item by item (headers that do not repeat, or nested ones; the items ``one`` decoded are
+    done)."""
     starts, rests, stored = _C.heads(bufs)
-    firsts = {r: None for r in rests}
-    if None in firsts or 4 * len(firsts) > len(bufs):
+    firsts = {r: b for b, r in zip(range(len(rests) - 1, -1, -1), reversed(rests))}  # each header's first item
+    if None in firsts:
         return None
-    for r in firsts:
-        firsts[r] = b = rests.index(r)
+    memo, keys0, done = _MEMO, layout.first.keys(), []
+    for r, b in firsts.items():
+        hit = memo.seen.get(r)
+        if hit is not None and hit[1] == layout.arrays and hit[0].keys() == keys0:
+            seen[r] = dict(hit[0]), 0  # (its items share this dict, which nothing changes)
+            continue
+        if 4 * (len(done) + 1) > len(bufs):
+            return None  # few items share a header: item by item
         if not one(b, True):
             return False
+        done.append(b)
+        if r in seen:
+            memo.keep(r, seen[r][0], [(*d[:4], d[4] + seen[r][1], *d[5:]) for d in layout.arrays])
     hits = list(map(seen.get, rests))
     if None in hits:
         return None
@@ -835,10 +846,10 @@ def _in_c(bufs: list, checks: list[bool], plain: list, need: int, one: Callable[
         if any(want and hash64(memoryview(buf)[PREFIX_SIZE:]) != s for buf, s, want in zip(bufs, stored, checks)):
             raise _corrupt("checksum mismatch")
     ats = [start + hit[1] for start, hit in zip(starts, hits)]  # where the first item's offsets point in each
-    for b in firsts.values():
+    for b in done:
         ats[b] = None  # done by ``one``
     try:
-        _C.copy_rows(bufs, ats, plain, need)  # the one copy of each array
+        _C.copy_rows(bufs, ats, plain, layout.need)  # the one copy of each array
     except ValueError as exc:
         b = exc.args[0]
         raise _corrupt(f"arrays run past the {len(bufs[b]) - starts[b]}-byte payload") from None

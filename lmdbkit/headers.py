@@ -36,9 +36,13 @@ class Memo:
             self.misses, self.resting = 0, self.REST
             return
         if rest and flat and not any(d[3] for d in checked):
-            if len(self.seen) >= self.SEEN_MAX:
-                self.seen.clear()
-            self.seen[rest] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
+            self.keep(rest, fields, checked)
+
+    def keep(self, rest: bytes, fields: dict, checked: list) -> None:
+        """Keep a flat, uncompressed header (a batch's, which knows its headers repeat: no miss counted)."""
+        if len(self.seen) >= self.SEEN_MAX:
+            self.seen.clear()
+        self.seen[rest] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
 
 
 def after_key(buf, begin: int, end: int) -> int:

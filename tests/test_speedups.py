@@ -217,3 +217,19 @@ def test_a_verified_batch_still_names_a_damaged_table_or_item(tmp_path, python, 
         ds.__getitems__(list(range(15, 45)))
     assert ds.__getitems__(list(range(30, 60)))[0]["x"][0] == 30
     assert lmdbkit.LMDBDataset(path, verify=False).__getitems__([29])[0]["x"][-1] != 29  # unverified: read as it is
+
+
+@needs_c
+def test_a_batch_takes_headers_the_decoder_met_before_without_msgpack(monkeypatch):
+    import msgpack
+    first, second = items(30), items(60)[30:]  # the same three headers but for the keys
+    _batch(first)
+    calls = []
+    real = msgpack.unpackb
+    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    metas, x = _batch(second)
+    assert len(calls) == 1  # the batch's layout, from its first item; the items themselves: none
+    assert [m["label"] for m in metas] == [i % 3 for i in range(30, 60)]
+    assert x[:, 0].tolist() == list(range(30, 60))
+    metas[0]["label"] = 99  # a batch's fields are its own: the memo's stay as they were
+    assert [m["label"] for m in _batch(second)[0]][:2] == [0, 1]
