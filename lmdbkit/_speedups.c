@@ -42,7 +42,8 @@ static int run_span(const unsigned char *run, Py_ssize_t len, long long i, long 
  * memoryview slice of the run (a new reference), or NULL with ValueError set when the key or the run does
  * not hold it as the common case has it. */
 static PyObject *take(PyObject *f, long long i) {
-    if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 2)
+    if (i < 0 || !PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 2 || !PyObject_CheckBuffer(PyTuple_GET_ITEM(f, 0))
+        || !PyObject_CheckBuffer(PyTuple_GET_ITEM(f, 1)))
         goto bad;
     Py_buffer key, run;
     if (PyObject_GetBuffer(PyTuple_GET_ITEM(f, 0), &key, PyBUF_SIMPLE) < 0)

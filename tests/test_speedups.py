@@ -60,12 +60,12 @@ def test_an_item_in_its_run_is_the_same_slice_as_pythons():
         assert type(got) is memoryview and bytes(got) == bytes(runs.item(RUN, 14, i))
     assert [bytes(x) for x in C.items_in_runs([(KEY, RUN), None], [12, 3])[:1]] == [bytes(runs.item(RUN, 14, 12))]
     assert C.items_in_runs([None], [3]) == [None]
-    for i in (9, 15, -1):  # not in this run: declined, and runs.item says why
+    for i in (9, 15, -1, -(1 << 63)):  # not in this run: declined, and runs.item says why
         with pytest.raises(ValueError):
             C.item_in_run((KEY, RUN), i)
         with pytest.raises(CorruptItemError, match="is not among its 5 items"):
             runs.in_found((KEY, RUN), i)
-    for bad in ((b"\x00" * 7, RUN), (KEY,), "not a tuple"):
+    for bad in ((b"\x00" * 7, RUN), (KEY,), "not a tuple", (None, RUN), (KEY, None)):
         with pytest.raises(ValueError):
             C.item_in_run(bad, 12)
 
