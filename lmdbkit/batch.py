@@ -20,7 +20,7 @@ import torch
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from . import codec
+from . import codec, layout as layouts
 from .errors import DamagedDatabaseError, LmdbkitError
 
 
@@ -100,11 +100,11 @@ class Row(dict):
 
 def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify: bool | list[bool], complex32: str,
                  shared: bool) -> Block | None:
-    """Decode items whose arrays share one layout (``codec.batch_layout``) into a Block; None when their
+    """Decode items whose arrays share one layout (``layout.batch_layout``) into a Block; None when their
     fields or arrays differ in shape or dtype, or are compressed (decode those one by one). A malformed item
     raises its CorruptItemError naming it. ``where(b)`` is (path, index) of item b, named by a CorruptItemError."""
     try:
-        layout = codec.batch_layout(bufs)
+        layout = layouts.batch_layout(bufs)
     except codec.CorruptItemError:
         return None
     if layout is None:
@@ -120,7 +120,7 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
     file = _shared_file(arrays) if shared else None
     try:
-        metas = codec.decode_layout(bufs, layout, dests, verify=verify, complex32=complex32, decode_to="torch",
+        metas = layouts.decode_layout(bufs, layout, dests, verify=verify, complex32=complex32, decode_to="torch",
                                     file=file)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):

@@ -23,7 +23,6 @@ from typing import Any, Iterable, Literal
 
 import lmdb
 import msgpack
-import numpy as np
 
 from . import codec, heap, runs, store
 from .errors import (CommitError, ConfigMismatchError, DatabaseBusyError, DatabaseExistsError, DiskFullError,

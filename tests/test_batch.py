@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, default_collate
 import lmdbkit
 from lmdbkit import batch as lkbatch
 from lmdbkit import codec
+from lmdbkit import layout as lklayout
 from lmdbkit.dataset import collate as lkcollate
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
@@ -213,12 +214,12 @@ def test_a_corrupt_item_in_a_batch_is_named(mixed_db):
 
 def test_decode_layout_by_pwrite_equals_copying(tmp_path):
     bufs = [codec.encode({"a": np.arange(20000, dtype=np.float32) + i, "l": i}) for i in range(3)]
-    layout = codec.batch_layout(bufs)
+    layout = lklayout.batch_layout(bufs)
     path = tmp_path / "shm"
     with open(path, "w+b") as f:
         f.truncate(3 * 80000)
         dests = {"a": np.zeros((3, 20000), np.float32)}  # not written: the file is
-        metas = codec.decode_layout(bufs, layout, dests, verify=True, file=(f.fileno(), {"a": 0}))
+        metas = lklayout.decode_layout(bufs, layout, dests, verify=True, file=(f.fileno(), {"a": 0}))
     got = np.fromfile(path, np.float32).reshape(3, 20000)
     assert np.array_equal(got, np.arange(20000, dtype=np.float32)[None] + np.arange(3)[:, None])
     assert metas == [{"a": None, "l": 0}, {"a": None, "l": 1}, {"a": None, "l": 2}] and not dests["a"].any()
@@ -234,7 +235,7 @@ def test_full_shared_memory_is_an_error_not_a_crash(tmp_path, monkeypatch):
         f = open(mnt / "batch", "w+b")
         f.truncate(1 << 20)  # sparse, as torch's shared memory is: the pages are only found missing when written
         monkeypatch.setattr(lkbatch, "_shared_file", lambda arrays: (f.fileno(), {k: 0 for k in arrays}))
-        monkeypatch.setattr(codec, "PWRITE_MIN", 1)
+        monkeypatch.setattr(lklayout, "PWRITE_MIN", 1)
         big = [codec.encode({"a": np.ones(50_000, np.float32) * i}) for i in range(40)]
         with pytest.raises(lmdbkit.LmdbkitError, match=r"shared memory.*/dev/shm.*--shm-size"):
             lkbatch.decode_block(big, lambda b: ("db", b), verify=[True] * 40, complex32="complex64",

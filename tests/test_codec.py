@@ -8,6 +8,7 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 from lmdbkit import codec, headers
+from lmdbkit import layout as lklayout
 from lmdbkit.errors import CorruptItemError, EncodeError, LmdbkitError
 
 NUMPY_DTYPES = ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -342,9 +343,9 @@ def test_the_memo_rests_for_headers_it_cannot_keep(sample, monkeypatch):
 def test_a_batch_of_items_sharing_headers_keeps_each_items_metadata():
     bufs = [codec.encode({"x": np.full(4, i, np.float32), "label": i % 2, "tags": [i] if i >= 4 else None}, f"k{i}")
             for i in range(6)]
-    layout = codec.batch_layout(bufs)
+    layout = lklayout.batch_layout(bufs)
     dest = {"x": np.empty((6, 4), np.float32)}
-    metas = codec.decode_layout(bufs, layout, dest, verify=True)
+    metas = lklayout.decode_layout(bufs, layout, dest, verify=True)
     assert [m["label"] for m in metas] == [0, 1, 0, 1, 0, 1]
     assert [m["tags"] for m in metas] == [None, None, None, None, [4], [5]]
     assert dest["x"][:, 0].tolist() == [0, 1, 2, 3, 4, 5]

@@ -10,6 +10,7 @@ import torch
 
 import lmdbkit
 from lmdbkit import codec, demo, mel, plot
+from lmdbkit import layout as lklayout
 from lmdbkit.errors import ConfigMismatchError, LmdbkitError, ValueRangeError
 from lmdbkit.precompute import precompute
 from lmdbkit.dataset import ToSpectrogram
@@ -112,9 +113,9 @@ def test_complex32_round_trips(shape):
     assert d["s"].dtype == torch.float16 and torch.equal(d["s"], torch.view_as_real(half))
     _, d = codec.decode(buf, decode_to="numpy")
     assert d["s"].dtype == np.complex64 and np.array_equal(d["s"], want.numpy())
-    layout = codec.batch_layout([buf, buf])  # a batch: widened straight into its row of a batch array
+    layout = lklayout.batch_layout([buf, buf])  # a batch: widened straight into its row of a batch array
     dests = {d[0]: np.empty((2, *d[6]), np.complex64) for d in layout.arrays}
-    metas = codec.decode_layout([buf, buf], layout, dests, verify=True)
+    metas = lklayout.decode_layout([buf, buf], layout, dests, verify=True)
     assert np.array_equal(dests["s"][1], want.numpy()) and np.array_equal(metas[1]["nested"]["n"], want.numpy())
     with pytest.raises(LmdbkitError, match="complex32='half' is unsupported"):
         codec.decode(buf, complex32="half")

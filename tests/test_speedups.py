@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import lmdbkit
 from lmdbkit import codec, runs, speedups
+from lmdbkit import layout as lklayout
 from lmdbkit.errors import CorruptItemError
 
 C = speedups.C
@@ -25,6 +26,7 @@ def pure(monkeypatch):
     """The pure-Python read path in this process (as with LMDBKIT_PURE_PYTHON=1)."""
     monkeypatch.setattr(runs, "_C", None)
     monkeypatch.setattr(codec, "_C", None)
+    monkeypatch.setattr(lklayout, "_C", None)
 
 
 def items(n, label=lambda i: i % 3, key=lambda i: f"k{i}"):
@@ -130,9 +132,9 @@ def test_copy_rows_copies_each_items_arrays_and_checks_every_bound():
 
 
 def _batch(bufs):
-    layout = codec.batch_layout(bufs)
+    layout = lklayout.batch_layout(bufs)
     dest = {"x": np.zeros((len(bufs), 8), np.float32)}
-    return codec.decode_layout(bufs, layout, dest, verify=False), dest["x"]
+    return lklayout.decode_layout(bufs, layout, dest, verify=False), dest["x"]
 
 
 @needs_c
@@ -147,11 +149,11 @@ def test_a_batch_decodes_in_c_as_in_python(case, monkeypatch):
     else:
         bufs = items(40)
     calls = []
-    monkeypatch.setattr(codec, "_C", type("Spy", (), {
+    monkeypatch.setattr(lklayout, "_C", type("Spy", (), {
         "heads": staticmethod(lambda b: calls.append("heads") or C.heads(b)),
         "copy_rows": staticmethod(lambda *a: calls.append("copy_rows") or C.copy_rows(*a))}))
     metas, x = _batch(bufs)
-    monkeypatch.setattr(codec, "_C", None)
+    monkeypatch.setattr(lklayout, "_C", None)
     want, want_x = _batch(bufs)
     assert metas == want and np.array_equal(x, want_x) and x[:, 0].tolist() == list(range(40))
     assert calls == (["heads", "copy_rows"] if case in ("repeating", "keys of every width") else ["heads"])
@@ -163,7 +165,7 @@ def test_a_batch_item_short_of_its_arrays_is_named_as_in_python(pure):
     bufs[13] = bufs[13][:-4]
     with pytest.raises(CorruptItemError, match="arrays run past the 28-byte payload") as in_python:
         _batch(bufs)
-    codec._C = C
+    lklayout._C = C
     with pytest.raises(CorruptItemError) as in_c:
         _batch(bufs)
     assert str(in_c.value) == str(in_python.value)
@@ -172,8 +174,8 @@ def test_a_batch_item_short_of_its_arrays_is_named_as_in_python(pure):
 @needs_c
 def test_a_batch_whose_layout_differs_is_left_to_item_by_item():
     bufs = items(20) + [codec.encode({"x": np.zeros(9, np.float32), "label": 0}, "other")]
-    layout = codec.batch_layout(bufs)
-    assert codec.decode_layout(bufs, layout, {"x": np.zeros((21, 8), np.float32)}, verify=False) is None
+    layout = lklayout.batch_layout(bufs)
+    assert lklayout.decode_layout(bufs, layout, {"x": np.zeros((21, 8), np.float32)}, verify=False) is None
 
 
 def test_a_packed_database_reads_the_same_either_way(tmp_path, pure):
@@ -184,7 +186,7 @@ def test_a_packed_database_reads_the_same_either_way(tmp_path, pure):
     order = list(np.random.default_rng(0).permutation(300))
     ds = lmdbkit.LMDBDataset(path, prebatch=True)
     want = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
-    codec._C, runs._C = C, C
+    codec._C = runs._C = lklayout._C = C
     got = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
     assert want[0] == got[0] == [float(i) for i in order]
     assert all(np.array_equal(want[1][k], got[1][k]) for k in ("x", "label"))
@@ -210,6 +212,7 @@ def test_a_verified_batch_still_names_a_damaged_table_or_item(tmp_path, python, 
     if python:
         monkeypatch.setattr(runs, "_C", None)
         monkeypatch.setattr(codec, "_C", None)
+        monkeypatch.setattr(lklayout, "_C", None)
     ds = lmdbkit.LMDBDataset(path)  # verify=True
     with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 3: .*checksum mismatch in its table of item starts"):
         ds.__getitems__([40, 3, 41])
