@@ -2,9 +2,11 @@
 as the pure-Python steps it stands for, and only ever the common case: whatever it declines, Python takes and
 names. Random and mutated runs and items must never crash it or make it disagree with Python."""
 
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import numpy as np
@@ -37,7 +39,9 @@ RUN = runs.pack(items(5))  # items 10..14 of a database: the run's key is 14
 KEY = (14).to_bytes(8, "big")
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+@pytest.mark.skipif(shutil.which("cc") is None or not os.path.exists(os.path.join(sysconfig.get_paths()["include"],
+                                                                                  "Python.h")),
+                    reason="no C compiler or no Python headers here")
 def test_the_extension_is_built_where_a_compiler_is():
     assert C is not None, "make setup (pip install -e .) should have built lmdbkit/_speedups.c"
 
