@@ -15,6 +15,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define HEAD_SIZE 16   /* a run's head, and an item's prefix: the same size */
 #define RUN_VERSION 2
@@ -287,12 +288,58 @@ fail:
     return NULL;
 }
 
+/* timed_lookups(find, take, keys, cold_ns) -> (values, slow, waited): for each key, ``take()`` if
+ * ``find(key)`` else None (a cursor's set_range and item: prefetch.Prefetcher._runs), each lookup and take
+ * timed together on the monotonic clock (what time.perf_counter_ns reads). Stops after the first that took
+ * more than cold_ns: ``slow`` is its position and ``waited`` its nanoseconds (-1 and 0 when none was slow). */
+static PyObject *timed_lookups(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *find, *take, *keys;
+    long long cold_ns;
+    if (!PyArg_ParseTuple(args, "OOO!L", &find, &take, &PyList_Type, &keys, &cold_ns))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(keys), slow = -1;
+    long long waited = 0;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        PyObject *found = PyObject_CallOneArg(find, PyList_GET_ITEM(keys, k));
+        if (found == NULL)
+            goto fail;
+        int hit = PyObject_IsTrue(found);
+        Py_DECREF(found);
+        if (hit < 0)
+            goto fail;
+        PyObject *value = hit ? PyObject_CallNoArgs(take) : (Py_INCREF(Py_None), Py_None);
+        if (value == NULL)
+            goto fail;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        int appended = PyList_Append(out, value);
+        Py_DECREF(value);
+        if (appended < 0)
+            goto fail;
+        long long ns = (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+        if (ns > cold_ns) {
+            slow = k;
+            waited = ns;
+            break;
+        }
+    }
+    return Py_BuildValue("NnL", out, slow, waited);
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"item_in_run", item_in_run, METH_VARARGS, "An item's bytes in the (key, run) found for it."},
     {"items_in_runs", items_in_runs, METH_VARARGS, "Each index's item bytes in the (key, run) found for it."},
     {"head", head, METH_O, "(payload start, checksum, key end, header bytes after the key) of an item."},
     {"heads", heads, METH_O, "(payload starts, header bytes after the key, checksums) of each item."},
     {"copy_rows", copy_rows, METH_VARARGS, "Copy each item's arrays into its rows of the destinations."},
+    {"timed_lookups", timed_lookups, METH_VARARGS, "take() if find(key) else None for each key, each timed."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -44,6 +44,8 @@ from time import perf_counter_ns
 import lmdb
 import numpy as np
 
+from .speedups import C as _C
+
 NODE_HEADER = struct.Struct("=HHHH")  # LMDB's MDB_node: data size (lo, hi), flags, key size; the key follows
 PAGE_HEADER = struct.Struct("=QHHHH")  # MDB_page: page number, pad, flags, lower and upper bounds of free space
 PGNO = struct.Struct("=Q")            # a big value's node holds the page number of its overflow pages
@@ -294,6 +296,15 @@ class Prefetcher:
         take timed together, until one is slow and met a major page fault (then get_many goes on, cold)."""
         cursor = txn.cursor(db=db)
         find, take, now, out = cursor.set_range, cursor.item, perf_counter_ns, []
+        while _C is not None:  # the same loop in C (``speedups``), until a slow one
+            got, slow, waited = _C.timed_lookups(find, take, keys, COLD_NS)
+            out += got
+            if slow < 0:
+                return out
+            self._saw(waited)
+            keys = keys[slow + 1:]
+            if self._cold:
+                return out + self.get_many(txn, db, keys, ranged=True)
         for n, k in enumerate(keys):
             t0 = now()
             out.append(take() if find(k) else None)

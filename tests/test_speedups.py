@@ -240,3 +240,28 @@ def test_a_batch_takes_headers_the_decoder_met_before_without_msgpack(monkeypatc
     assert x[:, 0].tolist() == list(range(30, 60))
     metas[0]["label"] = 99  # a batch's fields are its own: the memo's stay as they were
     assert [m["label"] for m in _batch(second)[0]][:2] == [0, 1]
+
+
+@needs_c
+def test_timed_lookups_stop_after_the_first_slow_one_and_pass_errors_on():
+    import time
+    seen = []
+
+    def find(key):
+        seen.append(key)
+        if key == b"slow":
+            time.sleep(0.002)
+        return key != b"absent"
+
+    def take():
+        return ("item", seen[-1])
+    keys = [b"a", b"absent", b"slow", b"b"]
+    values, slow, waited = C.timed_lookups(find, take, keys, 1_000_000)  # 1 ms
+    assert values == [("item", b"a"), None, ("item", b"slow")] and slow == 2 and waited >= 2_000_000
+    assert C.timed_lookups(find, take, [b"a", b"b"], 1_000_000) == ([("item", b"a"), ("item", b"b")], -1, 0)
+    assert C.timed_lookups(find, take, [], 1) == ([], -1, 0)
+
+    def broken(key):
+        raise RuntimeError("lookup failed")
+    with pytest.raises(RuntimeError, match="lookup failed"):
+        C.timed_lookups(broken, take, [b"a"], 1_000_000)
