@@ -57,6 +57,24 @@ COLD_NS = 10_000  # a lookup slower than this read the value's first page from t
 WARM_AFTER = 8  # fast reads in a row that turn a packed table's reads warm again (see Prefetcher._saw)
 
 
+def timed_lookups(find, take, keys: list, cold_ns: int) -> tuple[list, int, int]:
+    """``take()`` if ``find(key)`` else None for each key (a cursor's set_range and item), each lookup and take
+    timed together; it stops after the first that took more than ``cold_ns``: (values, that one's position,
+    its ns), or (values, -1, 0). ``speedups.C.timed_lookups`` is the same in C."""
+    out, now = [], perf_counter_ns
+    for n, k in enumerate(keys):
+        t0 = now()
+        out.append(take() if find(k) else None)
+        waited = now() - t0
+        if waited > cold_ns:
+            return out, n, waited
+    return out, -1, 0
+
+
+def _lookups():
+    return _C.timed_lookups if _C is not None else timed_lookups
+
+
 def major_faults() -> tuple[int, int]:
     """(pid, page faults this process waited on the disk for so far): (pid, 0) where that is not counted."""
     try:
@@ -231,7 +249,7 @@ class Prefetcher:
     def get_run(self, txn, db, key: bytes):
         """(key, value) of the first key at or after ``key`` (a packed table's run, see ``runs``), or None."""
         cursor = txn.cursor(db=db)
-        if not self._cold:  # as _runs does
+        if not self._cold:  # timed_lookups for one key, inline: through it a warm single read took 0.3-0.5 us more
             t0 = perf_counter_ns()
             found = cursor.item() if cursor.set_range(key) else None
             waited = perf_counter_ns() - t0
@@ -295,9 +313,9 @@ class Prefetcher:
         """get_many(ranged=True) while the disk seems warm, in as few steps a key as possible: each lookup and
         take timed together, until one is slow and met a major page fault (then get_many goes on, cold)."""
         cursor = txn.cursor(db=db)
-        find, take, now, out = cursor.set_range, cursor.item, perf_counter_ns, []
-        while _C is not None:  # the same loop in C (``speedups``), until a slow one
-            got, slow, waited = _C.timed_lookups(find, take, keys, COLD_NS)
+        find, take, lookups, out = cursor.set_range, cursor.item, _lookups(), []
+        while True:  # up to a slow read, which _saw judges
+            got, slow, waited = lookups(find, take, keys, COLD_NS)
             out += got
             if slow < 0:
                 return out
@@ -305,14 +323,6 @@ class Prefetcher:
             keys = keys[slow + 1:]
             if self._cold:
                 return out + self.get_many(txn, db, keys, ranged=True)
-        for n, k in enumerate(keys):
-            t0 = now()
-            out.append(take() if find(k) else None)
-            if now() - t0 > COLD_NS:
-                self._saw(now() - t0)
-                if self._cold:
-                    return out + self.get_many(txn, db, keys[n + 1:], ranged=True)
-        return out
 
     def _lookup(self, cursor, key: bytes, ranged: bool = False) -> bool:
         """Put the cursor on ``key`` (False if absent), first asking the disk for the value's pages when the

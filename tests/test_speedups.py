@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lmdbkit
-from lmdbkit import codec, runs, speedups
+from lmdbkit import codec, prefetch, runs, speedups
 from lmdbkit import layout as lklayout
 from lmdbkit.errors import CorruptItemError
 
@@ -29,6 +29,7 @@ def pure(monkeypatch):
     monkeypatch.setattr(runs, "_C", None)
     monkeypatch.setattr(codec, "_C", None)
     monkeypatch.setattr(lklayout, "_C", None)
+    monkeypatch.setattr(prefetch, "_C", None)
 
 
 def items(n, label=lambda i: i % 3, key=lambda i: f"k{i}"):
@@ -190,7 +191,7 @@ def test_a_packed_database_reads_the_same_either_way(tmp_path, pure):
     order = list(np.random.default_rng(0).permutation(300))
     ds = lmdbkit.LMDBDataset(path, prebatch=True)
     want = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
-    codec._C = runs._C = lklayout._C = C
+    codec._C = runs._C = lklayout._C = prefetch._C = C
     got = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
     assert want[0] == got[0] == [float(i) for i in order]
     assert all(np.array_equal(want[1][k], got[1][k]) for k in ("x", "label"))
@@ -242,9 +243,12 @@ def test_a_batch_takes_headers_the_decoder_met_before_without_msgpack(monkeypatc
     assert [m["label"] for m in _batch(second)[0]][:2] == [0, 1]
 
 
-@needs_c
-def test_timed_lookups_stop_after_the_first_slow_one_and_pass_errors_on():
+@pytest.mark.parametrize("lookups", ["C", "python"])
+def test_timed_lookups_stop_after_the_first_slow_one_and_pass_errors_on(lookups):
     import time
+    if lookups == "C" and C is None:
+        pytest.skip("lmdbkit._speedups is not built here")
+    timed_lookups = C.timed_lookups if lookups == "C" else prefetch.timed_lookups
     seen = []
 
     def find(key):
@@ -256,12 +260,12 @@ def test_timed_lookups_stop_after_the_first_slow_one_and_pass_errors_on():
     def take():
         return ("item", seen[-1])
     keys = [b"a", b"absent", b"slow", b"b"]
-    values, slow, waited = C.timed_lookups(find, take, keys, 1_000_000)  # 1 ms
+    values, slow, waited = timed_lookups(find, take, keys, 1_000_000)  # 1 ms
     assert values == [("item", b"a"), None, ("item", b"slow")] and slow == 2 and waited >= 2_000_000
-    assert C.timed_lookups(find, take, [b"a", b"b"], 1_000_000) == ([("item", b"a"), ("item", b"b")], -1, 0)
-    assert C.timed_lookups(find, take, [], 1) == ([], -1, 0)
+    assert timed_lookups(find, take, [b"a", b"b"], 1_000_000) == ([("item", b"a"), ("item", b"b")], -1, 0)
+    assert timed_lookups(find, take, [], 1) == ([], -1, 0)
 
     def broken(key):
         raise RuntimeError("lookup failed")
     with pytest.raises(RuntimeError, match="lookup failed"):
-        C.timed_lookups(broken, take, [b"a"], 1_000_000)
+        timed_lookups(broken, take, [b"a"], 1_000_000)
