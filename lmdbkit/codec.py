@@ -683,7 +683,7 @@ def _numpy_bf16(arr: np.ndarray, name: str) -> np.ndarray:
     return arr.view(ml_dtypes.bfloat16)
 
 
-# -- batches of one layout --------------------------------------------------------------------------
+# -- descriptors moved alike (used by _checked_like_last here and by lmdbkit.layout) --------------------
 
 def _shift(arrays: list, stored0: list) -> int | None:
     """How far an item's arrays lie from the first item's, when its descriptors equal the first's except for

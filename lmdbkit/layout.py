@@ -17,8 +17,8 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .codec import (_MEMO, _PREFIX, MAGIC, PREFIX_SIZE, VERSION, DecodeTo, _Ctx, _after_key, _checked, _complex32,
-                    _corrupt, _header, _shift, _torch, _walk)
+from .codec import (_MEMO, PREFIX_SIZE, DecodeTo, _Ctx, _checked, _complex32, _corrupt, _head, _header, _shift,
+                    _torch, _walk)
 from .speedups import C as _C
 
 
@@ -60,7 +60,8 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     from the layout's (rows before it are filled: decode the batch item by item then). ``verify``: per item, or
     for all. Raises CorruptItemError (without naming the item) for a malformed one.
 
-    Each item's header is unpacked once, here, and compared with the first's at C level: one pass per item.
+    Each item's header is unpacked once, here, and compared with the first's at C level: one pass per item;
+    an item whose header (but for its key) an item before had is not unpacked at all.
 
     ``file``: (fd, {field: byte offset}) when ``dests`` are mappings of that file (shared memory): arrays of
     at least PWRITE_MIN bytes are then written with ``os.pwrite`` at their row's offset, so the kernel fills
@@ -78,7 +79,7 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
     wide = [d for d in layout.arrays if d[2] == "complex32"]
     torch = _torch() if decode_to != "numpy" else None
     checks = verify if isinstance(verify, list) else [verify] * len(bufs)
-    hash64, prefix, unpackb = xxhash.xxh3_64_intdigest, _PREFIX.unpack_from, msgpack.unpackb
+    hash64, head_of = xxhash.xxh3_64_intdigest, _C.head if _C is not None else _head
     stored0, keys0, need = layout.stored, layout.first.keys(), layout.need
     low = min((d[4] for d in layout.arrays), default=0)
     meta_keys = [k for k in layout.order if k not in names]
@@ -95,31 +96,22 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
         if type(buf) is not memoryview:
             buf = memoryview(buf)
         size = len(buf)
-        try:
-            magic, version, _flags, hlen, stored = prefix(buf, 0)
-            start = PREFIX_SIZE + hlen
-            if magic != MAGIC or version != VERSION or start > size:
-                raise ValueError
-            cut = _after_key(buf, PREFIX_SIZE, start) if look or hits or b < BATCH_LOOKS else 0
-            rest = bytes(buf[cut:start]) if cut else None
-            hit = seen.get(rest)
-            if hit is None:
-                key, fields, arrays = unpackb(buf[PREFIX_SIZE:start], raw=False, strict_map_key=False)
-        except Exception:
-            _header(buf)  # raises the precise error
-            raise _corrupt("malformed header") from None
+        head = head_of(buf) if look or hits or b < BATCH_LOOKS else None
+        hit = None if head is None else seen.get(head[3])
         if hit is not None:  # the same header as an item before, but for its key: the same fields and shift
+            start, stored = head[0], head[1]
             fields, shift = hit
             hits += 1
         else:
-            if type(fields) is not dict or fields.keys() != keys0:
+            start, stored, _key, fields, arrays = _header(buf)  # (a malformed one raises its precise error)
+            if fields.keys() != keys0:
                 return False
             # C-level comparison; items of 64 KiB+ may differ in their offsets' alignment pad
             shift = 0 if arrays == stored0 else _shift(arrays, stored0)
             if shift is None:
                 return False
-            if rest is not None and not any(type(fields[k]) in nested for k in meta_keys):
-                seen[rest] = fields, shift  # flat: its items share this dict, which nothing changes
+            if head is not None and not any(type(fields[k]) in nested for k in meta_keys):
+                seen[head[3]] = fields, shift  # flat: its items share this dict, which nothing changes
         at = start + shift  # where the first item's offsets point in this one
         if at + low < start or at + need > size:
             raise _corrupt(f"arrays run past the {size - start}-byte payload")
