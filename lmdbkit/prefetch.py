@@ -239,16 +239,18 @@ class Prefetcher:
             self._until_look = self.RECHECK
         return self._large
 
-    def get(self, txn, db, key: bytes):
-        """The value under ``key`` (a memoryview into the map when ``txn`` has buffers=True), or None."""
+    def get(self, txn, db, key: bytes, cursor=None):
+        """The value under ``key`` (a memoryview into the map when ``txn`` has buffers=True), or None; ``cursor``:
+        one of ``txn`` on ``db`` to use (else a new one)."""
         if not self.large(txn, db):
             return txn.get(key, db=db)
-        cursor = txn.cursor(db=db)
+        cursor = txn.cursor(db=db) if cursor is None else cursor
         return cursor.value() if self._lookup(cursor, key) else None
 
-    def get_run(self, txn, db, key: bytes):
-        """(key, value) of the first key at or after ``key`` (a packed table's run, see ``runs``), or None."""
-        cursor = txn.cursor(db=db)
+    def get_run(self, txn, db, key: bytes, cursor=None):
+        """(key, value) of the first key at or after ``key`` (a packed table's run, see ``runs``), or None;
+        ``cursor``: one of ``txn`` on ``db`` to use (else a new one)."""
+        cursor = txn.cursor(db=db) if cursor is None else cursor
         if not self._cold:  # timed_lookups for one key, inline: through it a warm single read took 0.3-0.5 us more
             t0 = perf_counter_ns()
             found = cursor.item() if cursor.set_range(key) else None

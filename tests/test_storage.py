@@ -415,6 +415,67 @@ def test_reader_pickles(small_db):
     assert r2[10]["i"] == 10 and len(r2) == 100
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_single_reads_share_one_transaction_per_thread_of_a_finished_database(tmp_path, monkeypatch, pack):
+    path = tmp_path / "t.lmdb"
+    samples = make_samples(200)
+    with lmdbkit.Writer(path, pack=pack) as w:
+        for s in samples:
+            w.append(s)
+    r = lmdbkit.Reader(path)
+    assert r[3]["i"] == 3
+    first = r._single()
+    assert first is not None and r._single()[0] is first[0]  # kept for the reads that follow
+    wrong, txns = [], []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        for i in rng.integers(0, 200, 3000).tolist():
+            got = r[i]
+            if got["i"] != i or not np.array_equal(got["x"], samples[i]["x"]):
+                wrong.append(i)
+        txns.append(r._single()[0])
+    import threading
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong and len({id(t) for t in txns} | {id(first[0])}) == 5  # each thread its own
+    monkeypatch.setattr(lmdbkit.reader, "KEEP_NS", 0)  # kept no longer than KEEP_NS
+    assert r[4]["i"] == 4 and r._single()[0] is not first[0]
+    kept = r._single()[0]
+    r.close()
+    with pytest.raises(lmdb.Error):  # ended by close, before the environment is released
+        kept.get(b"0")
+    assert r[5]["i"] == 5  # and the reader opens again when used
+
+
+def test_single_reads_after_fork_use_the_childs_own_transaction(small_db):
+    import multiprocessing
+    r = lmdbkit.Reader(small_db)
+    assert r[1]["i"] == 1 and r._single() is not None
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=lambda: q.put([r[i]["i"] for i in (0, 7, 99)] + [r._single()[0] is not None]))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == 0 and got == [0, 7, 99, True]
+    assert r[2]["i"] == 2  # the parent's own, untouched
+
+
+def test_a_database_being_written_keeps_no_transaction(tmp_path):
+    path = tmp_path / "growing.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for s in make_samples(20):
+            w.append(s)
+        w.commit()
+        r = lmdbkit.Reader(path)  # unfinished: read with locking, a transaction per read
+        assert r[5]["i"] == 5 and r._single() is None
+        r.close()
+
+
 def test_same_path_shares_one_environment(small_db):
     before = store.open_count()
     a, b = lmdbkit.Reader(small_db), lmdbkit.Reader(small_db)
