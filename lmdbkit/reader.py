@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import pickle
+import re
 import threading
 import time
 import warnings
@@ -376,7 +377,27 @@ class Reader:
             found = [bytes(k).decode() for k, _ in zip(cur.iternext(values=False), range(m))] if inside else []
             if (cur.set_range(kb) and cur.prev()) or (not inside and cur.last()):
                 found += [bytes(k).decode() for k, _ in zip(cur.iterprev(values=False), range(m))]
+            if self._packed:
+                found += self._default_keys_near(txn, key, m)
         return difflib.get_close_matches(key, found, n, 0.0)
+
+    def _default_keys_near(self, txn, key: str, m: int) -> list[str]:
+        """The default keys (an item's index as text, which a packed database keeps in no keys table) of up to
+        2m items around the number that ``key`` starts with (or ends with), or the last ones if it is beyond."""
+        digits = re.match(r"\d+", key) or re.search(r"\d+$", key)
+        if digits is None:
+            return []
+        count = len(self)
+        at = min(int(digits.group()), count - 1)
+        out = []
+        for i in range(max(0, at - m), min(count, at + m + 1)):
+            buf = self._raw(txn, i)
+            try:
+                if buf is not None and codec.peek_key(buf) == str(i):
+                    out.append(str(i))
+            except CorruptItemError:
+                continue  # a suggestion, not a check: verify reports damage
+        return out
 
     def get(self, key: str, default: Any = KeyError) -> dict:
         """The item written under ``key``; KeyError (naming the key and path) if absent, unless a default is given."""

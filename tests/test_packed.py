@@ -145,6 +145,9 @@ def test_default_keys_are_implicit_and_still_unique(tmp_path):
         assert r.index_of("32") is None and r.get("29")["i"] == 29
         assert r.keys() == [f"k{i}" if i % 3 == 0 else str(i) for i in range(30)] + ["30", "3"]
         assert [s["i"] if s else None for s in r.retrieve_batch(["7", "k9", "nope", 2])] == [7, 9, None, 2]
+        # "did you mean" offers default keys too, though no keys table holds them (item 6's key is k6)
+        assert "5" in r.near_keys("5x") and "29" in r.near_keys("290") and "6" not in r.near_keys("6x", 10)
+        assert "k3" in r.near_keys("k3x") and r.near_keys("zzz")[:1] != ["4"]
     assert lmdbkit.verify(path, progress=False).ok
 
 
