@@ -290,12 +290,16 @@ def _worker_memory(it) -> list[dict]:
 
 
 def bench_dataloader(kind: str, paths: dict[str, Path], *, workers=(0, 1, 2, 4), batch_size: int = 64,
-                     epochs: int = 1) -> list[Result]:
-    """Steady-state items/s through a shuffled DataLoader (collate included; after an untimed epoch that
-    starts the persistent workers) for each worker count: lmdbkit's loader
-    (create_data_loader) and a plain ``DataLoader(LMDBDataset(path))`` against pickle-in-LMDB's Dataset in a plain
-    DataLoader with default collate, plus the
-    USS/PSS of each worker at the end of the epoch."""
+                     rounds: int = 3, min_seconds: float = 0.5) -> list[Result]:
+    """Steady-state items/s through a shuffled DataLoader (collate included) for each worker count: lmdbkit's
+    loader (create_data_loader) and a plain ``DataLoader(LMDBDataset(path))`` against pickle-in-LMDB's Dataset in
+    a plain DataLoader with default collate, plus the USS/PSS of each worker at the end.
+
+    For each worker count the three loaders are made together, each runs one untimed epoch (it starts the
+    persistent workers and maps the pages each one touches), then they take turns over ``rounds``, each turn
+    timing whole epochs until ``min_seconds`` have passed, and each keeps its best turn. A demo's epoch lasts a
+    tenth of a second, so one epoch each, one loader after another, compared whatever the machine was doing
+    at those moments."""
     import torch
     from torch.utils.data import DataLoader
     from .dataset import LMDBDataset, create_data_loader
@@ -311,32 +315,44 @@ def bench_dataloader(kind: str, paths: dict[str, Path], *, workers=(0, 1, 2, 4),
     def pickle_loader(nw):  # the older way: its Dataset, a plain DataLoader, default collate
         return DataLoader(PickleLmdb(paths["pickle_lmdb"]), batch_size=batch_size, shuffle=True,
                           num_workers=nw, generator=torch.Generator().manual_seed(0), persistent_workers=nw > 0)
-    for method, make in (("lmdbkit", lmdbkit_loader), ("lmdbkit_plain", plain_loader), ("pickle_lmdb", pickle_loader)):
-        for nw in workers:
-            loader = make(nw)
-            ds = loader.dataset
-            # one untimed epoch starts the (persistent) workers and maps the pages each one touches; the timed
-            # epochs that follow are the steady state a training loop sees
-            for _ in iter(loader):
-                pass
-            items, t0, mem = 0, time.perf_counter(), []
-            for _ in range(epochs):
-                it = iter(loader)
-                for batch in it:
-                    items += len(next(iter(batch.values())))
-                mem = _worker_memory(it) or mem
-            dt = time.perf_counter() - t0
-            extra = {"workers_memory": mem} if mem else {}
-            res.append(Result("dataloader", kind, method, items / dt, "items/s", dict(extra, num_workers=nw)))
-            if mem:
-                res.append(Result("worker_uss", kind, method, max(m["uss"] for m in mem) / 2**20, "MiB",
+    makers = {"lmdbkit": lmdbkit_loader, "lmdbkit_plain": plain_loader, "pickle_lmdb": pickle_loader}
+    for nw in workers:
+        loaders, mem = {}, {}
+        try:
+            for method, make in makers.items():
+                loaders[method] = make(nw)
+                for _ in iter(loaders[method]):  # the untimed epoch
+                    pass
+
+            def turn(method):
+                def task():
+                    items, t0 = 0, time.perf_counter()
+                    while True:
+                        it = iter(loaders[method])
+                        for batch in it:
+                            items += len(next(iter(batch.values())))
+                        dt = time.perf_counter() - t0
+                        if dt >= min_seconds:
+                            mem[method] = _worker_memory(it) or mem.get(method, [])  # untimed
+                            return {method: items / dt}
+                return task
+            best = take_turns(rounds, {method: turn(method) for method in makers})
+        finally:
+            for loader in loaders.values():
+                if hasattr(loader.dataset, "close"):
+                    loader.dataset.close()
+            del loaders
+        for method, ips in best.items():
+            m = mem.get(method)
+            extra = {"workers_memory": m} if m else {}
+            res.append(Result("dataloader", kind, method, ips, "items/s",
+                              dict(extra, num_workers=nw, rounds=rounds, min_seconds=min_seconds)))
+            if m:
+                res.append(Result("worker_uss", kind, method, max(x["uss"] for x in m) / 2**20, "MiB",
                                   {"num_workers": nw}))
-                if mem[0]["pss"] is not None:
-                    res.append(Result("worker_pss", kind, method, max(m["pss"] for m in mem) / 2**20, "MiB",
+                if m[0]["pss"] is not None:
+                    res.append(Result("worker_pss", kind, method, max(x["pss"] for x in m) / 2**20, "MiB",
                                       {"num_workers": nw}))
-            del loader, it
-            if hasattr(ds, "close"):
-                ds.close()
     return res
 
 
@@ -557,7 +573,8 @@ def run(output_dir: str | os.PathLike, *, n_stft: int = 2000, n_small: int = 200
             bar.update()
             bar.set_postfix_str(f"{kind}: DataLoader")
             if workers:
-                results += bench_dataloader(kind, bench_paths(kind, work), workers=tuple(workers))
+                results += bench_dataloader(kind, bench_paths(kind, work), workers=tuple(workers),
+                                            min_seconds=min(0.5, 5 * min_seconds))
             bar.update()
             if peers:
                 results += bench_peers.bench_peers(kind, n, work / "peers", peers=peer_names, reads=reads,
