@@ -117,8 +117,8 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
     numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.first.items()
                if k not in shapes and type(v) in (int, float)}
     arrays, scalars = _views(shapes, {k: (dt, (n,)) for k, dt in numbers.items()}, shared=shared)
+    file = _shared_file(arrays) if shared else None  # (before the numpy views: see _shared_file)
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
-    file = _shared_file(arrays) if shared else None
     try:
         metas = layouts.decode_layout(bufs, layout, dests, verify=verify, complex32=complex32, decode_to="torch",
                                     file=file)
@@ -176,8 +176,11 @@ def batch_tensor(dtype: torch.dtype, shape: tuple, *, shared: bool) -> torch.Ten
 
 def _shared_file(arrays: dict) -> tuple[int, dict[str, int]] | None:
     """(fd, byte offset of each array) of the shared-memory file behind the block's storage; None where torch
-    shares memory otherwise (the file_system strategy): then the arrays are copied through the mapping."""
-    if not arrays:
+    shares memory otherwise (the ``file_system`` sharing strategy): then the arrays are copied through the
+    mapping. Asking a storage of named shared memory for a file descriptor moves it to new memory (the
+    tensors follow; a numpy view made before would point at memory given back, and a worker writing through
+    it died of SIGSEGV), so it is asked only under the ``file_descriptor`` strategy, before any view is made."""
+    if not arrays or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
         return None
     first = next(iter(arrays.values()))
     try:

@@ -191,3 +191,28 @@ def test_prebatch_names_a_corrupt_item(fixed_db):
     with pytest.raises(lmdbkit.CorruptItemError, match=r"fixed.lmdb: item 5: corrupt item"):
         ds.__getitems__([1, 5, 7])
     assert ds.__getitems__([1, 7])["label"].tolist() == [1, 1]
+
+
+def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
+    """torch.multiprocessing.set_sharing_strategy("file_system") (the usual remedy for "too many open files")
+    moved a batch's shared memory away from the views a worker was filling: the worker died of SIGSEGV."""
+    code = (
+        "import sys, torch, lmdbkit\n"
+        "from torch.utils.data import DataLoader\n"
+        "torch.multiprocessing.set_sharing_strategy('file_system')\n"
+        "for path, size in ((sys.argv[1], 256), (sys.argv[2], 40_000)):\n"  # copied in place; written with pwrite
+        "    with lmdbkit.Writer(path) as w:\n"
+        "        for i in range(96):\n"
+        "            w.append({'x': torch.full((size,), float(i)), 'label': i})\n"
+        "    for loader in (DataLoader(lmdbkit.LMDBDataset(path), batch_size=16, num_workers=2, shuffle=True),\n"
+        "                   lmdbkit.create_data_loader(path, batch_size=16, num_workers=2, shuffle=True)):\n"
+        "        got = []\n"
+        "        for b in loader:\n"
+        "            assert b['x'].is_shared() and torch.equal(b['x'], b['label'][:, None].float().expand(-1, size))\n"
+        "            got += b['label'].tolist()\n"
+        "        assert sorted(got) == list(range(96)), got\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "small.lmdb"), str(tmp_path / "large.lmdb")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
