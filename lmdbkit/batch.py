@@ -1,8 +1,8 @@
 """A batch of items decoded into one block, so that a DataLoader batch costs one copy from the memory map.
 
 ``decode_block`` copies each array field of every item straight from the map into its row of one batch
-tensor (allocated in shared memory inside a DataLoader worker, as ``default_collate`` would allocate it). The
-items are then handed out as ``Row`` dicts, whose arrays are views of those rows. ``Row`` is registered in
+tensor (allocated in shared memory inside a DataLoader worker, as ``default_collate`` would allocate it, unless
+the batch is small enough to travel to the main process by value: ``handoff``). The items are then handed out as ``Row`` dicts, whose arrays are views of those rows. ``Row`` is registered in
 torch's ``default_collate_fn_map`` (torch's documented way to extend ``default_collate``), so a plain
 ``DataLoader(LMDBDataset(path))`` collates a batch of untouched rows by handing back the block's tensors
 instead of allocating 64 tensors, faulting them in, and stacking them into a second copy. Rows that a
@@ -20,19 +20,31 @@ import torch
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from . import codec, layout as layouts
+from . import codec, handoff, layout as layouts
 from .errors import DamagedDatabaseError, LmdbkitError
 
 
 class Batch(dict):
-    """A batch that LMDBDataset(prebatch=True) collated itself; lmdbkit's collate passes it through."""
+    """A batch that LMDBDataset(prebatch=True) collated itself; lmdbkit's collate passes it through. A small
+    one pickles by value (``handoff``): how a DataLoader worker hands it to the main process."""
+
+    def __reduce__(self):
+        return handoff.by_value(self, Batch) or (Batch, (dict(self),))
+
+
+class Collated(dict):
+    """default_collate's batch of one Block's rows, made in a DataLoader worker: a plain dict once it reaches
+    the main process, by value when it is small (``handoff``)."""
+
+    def __reduce__(self):
+        return handoff.by_value(self, dict) or (dict, (dict(self),))
 
 
 class Block:
     """Items decoded together: ``arrays`` maps each array field to one tensor [n, ...]; ``metas`` holds each
     item's other fields; ``order`` is the fields' stored order. ``scalars`` are [n] tensors (int64, float64)
     for the int and float fields, filled when collated, in the same storage as the arrays: a DataLoader
-    worker hands the whole batch to the main process as one piece of shared memory."""
+    worker hands the whole batch to the main process as one piece of shared memory (or of bytes: ``handoff``)."""
 
     __slots__ = ("n", "arrays", "scalars", "metas", "order", "_views")
 
@@ -116,7 +128,9 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
         shapes[name] = (getattr(torch, dname), (n, *shape))
     numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.first.items()
                if k not in shapes and type(v) in (int, float)}
-    arrays, scalars = _views(shapes, {k: (dt, (n,)) for k, dt in numbers.items()}, shared=shared)
+    groups = shapes, {k: (dt, (n,)) for k, dt in numbers.items()}
+    shared = shared and _size(*groups)[1] > handoff.BY_VALUE_MAX  # a smaller batch travels by value
+    arrays, scalars = _views(*groups, shared=shared)
     file = _shared_file(arrays) if shared else None  # (before the numpy views: see _shared_file)
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
     try:
@@ -145,14 +159,20 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
 ALIGN = 64
 
 
-def _views(*groups: dict, shared: bool) -> list[dict]:
-    """Tensors of the given (dtype, shape) per name, all views of one uninitialised byte storage (in shared
-    memory when asked, as default_collate allocates in workers), each aligned to 64 bytes."""
+def _size(*groups: dict) -> tuple[list[int], int]:
+    """(where each tensor starts, the bytes of all) in ``_views``'s storage for these groups."""
     offsets, total = [], 0
     for group in groups:
         for dtype, shape in group.values():
             offsets.append(total)
             total += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+    return offsets, total
+
+
+def _views(*groups: dict, shared: bool) -> list[dict]:
+    """Tensors of the given (dtype, shape) per name, all views of one uninitialised byte storage (in shared
+    memory when asked, as default_collate allocates in workers), each aligned to 64 bytes."""
+    offsets, total = _size(*groups)
     storage = batch_tensor(torch.uint8, (max(total, ALIGN),), shared=shared)
     out, k = [], 0
     for group in groups:
@@ -203,7 +223,8 @@ def _collate_rows(batch: list, *, collate_fn_map=None):
         return {k: _collate([d[k] for d in items], collate_fn_map=collate_fn_map) for k in items[0]}
     block = block_of(batch)
     if block is not None:
-        return dict(block.batch(rest))
+        in_worker = torch.utils.data.get_worker_info() is not None
+        return (Collated if in_worker else dict)(block.batch(rest))
     return rest(batch)
 
 

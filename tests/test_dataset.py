@@ -180,7 +180,7 @@ def test_create_data_loader_prebatches_into_shared_memory(fixed_db, workers):
     assert sorted(torch.cat([b["label"] for b in batches]).tolist()) == sorted(i % 3 for i in range(40))
     xs = torch.cat([b["x"][:, 0, 0] for b in batches]).long().tolist()
     assert sorted(xs) == list(range(40))
-    assert batches[0]["x"].is_shared() == (workers > 0)  # allocated in shared memory by the worker
+    assert not batches[0]["x"].is_shared()  # a small batch comes from a worker by value (lmdbkit.handoff)
     assert not lmdbkit.create_data_loader(fixed_db, transform=lambda s: s, num_workers=0).dataset.prebatch
 
 
@@ -200,6 +200,7 @@ def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
         "import sys, torch, lmdbkit\n"
         "from torch.utils.data import DataLoader\n"
         "torch.multiprocessing.set_sharing_strategy('file_system')\n"
+        "import lmdbkit.handoff; lmdbkit.handoff.BY_VALUE_MAX = 0\n"  # every batch in shared memory (the forked workers see it)
         "for path, size in ((sys.argv[1], 256), (sys.argv[2], 40_000)):\n"  # copied in place; written with pwrite
         "    with lmdbkit.Writer(path) as w:\n"
         "        for i in range(96):\n"
@@ -216,3 +217,65 @@ def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "small.lmdb"), str(tmp_path / "large.lmdb")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("by_value", [True, False])
+def test_workers_hand_small_batches_over_by_value_and_large_ones_in_shared_memory(fixed_db, tmp_path, monkeypatch,
+                                                                                  by_value):
+    from lmdbkit import handoff
+    from lmdbkit.dataset import Batch
+    if not by_value:
+        monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)  # the forked workers see it too
+    numeric = tmp_path / "numeric.lmdb"  # default_collate (the plain DataLoader) refuses None and takes no str
+    with lmdbkit.Writer(numeric) as w:
+        for s in lmdbkit.LMDBDataset(fixed_db):
+            w.append({k: s[k] for k in ("x", "c", "bf", "y", "label")})
+    plain = DataLoader(lmdbkit.LMDBDataset(numeric), batch_size=8, num_workers=2, shuffle=True,
+                       multiprocessing_context="fork")
+    pre = lmdbkit.create_data_loader(fixed_db, batch_size=8, num_workers=2, shuffle=True,
+                                     multiprocessing_context="fork")
+    ref = lmdbkit.LMDBDataset(fixed_db)
+    for loader, kind in ((plain, dict), (pre, Batch)):
+        seen = []
+        for b in loader:
+            assert type(b) is kind and b["x"].is_shared() == (not by_value)
+            for j, i in enumerate((b["x"][:, 0, 0]).long().tolist()):
+                want = ref[i]
+                for k in ("x", "c", "bf", "y"):
+                    assert torch.equal(b[k][j], want[k]) and b[k].dtype == want[k].dtype, k
+                assert b["label"][j] == want["label"]
+                if kind is Batch:
+                    assert b["name"][j] == want["name"] and b["extra"][j] is None
+            b["x"] += 1  # writable
+            seen += b["x"][:, 0, 0].long().tolist()
+        assert sorted(seen) == list(range(1, 41))
+
+
+def test_a_batch_pickles_by_value_with_every_dtype_and_shape(monkeypatch):
+    import pickle
+    from lmdbkit import handoff
+    from lmdbkit.batch import Batch, Collated, _views
+    assert handoff.by_value(Batch(x=torch.zeros(3)), Batch) is None  # outside a DataLoader worker: as any dict
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as if in one
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+              torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
+    shapes = {f"f{i}": (dt, (3, *shape)) for i, (dt, shape) in
+              enumerate((dt, shape) for dt in dtypes for shape in ((), (0,), (2, 5)))}
+    (views,) = _views(shapes, shared=False)
+    for k, t in views.items():
+        t.copy_(torch.arange(t.numel()).reshape(t.shape).to(t.dtype) if t.numel() else t)
+    batch = Batch(views, names=["a", "b", "c"], extra=None)
+    assert handoff.by_value(batch, Batch) is not None
+    back = pickle.loads(pickle.dumps(batch))
+    assert type(back) is Batch and list(back) == list(batch) and back["names"] == ["a", "b", "c"]
+    for k, t in views.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+        assert back[k].numel() == 0 or back[k].data_ptr() != t.data_ptr()
+    assert type(pickle.loads(pickle.dumps(Collated(batch)))) is dict
+    # what it does not take: tensors of two storages, a shared or too big one; they pickle as before
+    for other in (Batch(views, y=torch.zeros(2)), Batch({k: t.share_memory_() for k, t in
+                                                          _views({"x": (torch.float32, (4,))}, shared=False)[0].items()}),
+                  Batch(x=torch.zeros(handoff.BY_VALUE_MAX))):
+        assert handoff.by_value(other, Batch) is None
+        back = pickle.loads(pickle.dumps(other))
+        assert type(back) is Batch and all(torch.equal(back[k], v) for k, v in other.items() if k != "names")
