@@ -2,8 +2,9 @@
 
 ``decode_block`` copies each array field of every item straight from the map into its row of one batch
 tensor (allocated in shared memory inside a DataLoader worker, as ``default_collate`` would allocate it, unless
-the batch is small enough to travel to the main process by value: ``handoff``). The items are then handed out as ``Row`` dicts, whose arrays are views of those rows. ``Row`` is registered in
-torch's ``default_collate_fn_map`` (torch's documented way to extend ``default_collate``), so a plain
+the batch is small enough to travel to the main process by value: ``handoff``). The items are then handed out
+as ``Row`` dicts, whose arrays are views of those rows. ``Row`` is registered in torch's
+``default_collate_fn_map`` (torch's documented way to extend ``default_collate``), so a plain
 ``DataLoader(LMDBDataset(path))`` collates a batch of untouched rows by handing back the block's tensors
 instead of allocating 64 tensors, faulting them in, and stacking them into a second copy. Rows that a
 transform replaced or that come from different blocks are collated exactly as ``default_collate`` does.
@@ -44,7 +45,7 @@ class Block:
     """Items decoded together: ``arrays`` maps each array field to one tensor [n, ...]; ``metas`` holds each
     item's other fields; ``order`` is the fields' stored order. ``scalars`` are [n] tensors (int64, float64)
     for the int and float fields, filled when collated, in the same storage as the arrays: a DataLoader
-    worker hands the whole batch to the main process as one piece of shared memory (or of bytes: ``handoff``)."""
+    worker hands the whole batch to the main process as one piece of shared memory (or as bytes: ``handoff``)."""
 
     __slots__ = ("n", "arrays", "scalars", "metas", "order", "_views")
 
