@@ -6,10 +6,11 @@ from the worker, then maps again. That costs a fixed ~0.3-0.5 ms a batch whateve
 items of 1 KiB is 64 KiB, which the pipe carries in far less. So a batch whose tensors are views of one
 private block of at most ``BY_VALUE_MAX`` bytes (``batch.decode_block`` makes it private in a worker when it
 is that small) pickles as those bytes and how each tensor lies in them; unpickled, its tensors are views of
-one writable buffer. Measured with 2 workers, batches of 64, on this project's 2-core machine: 1 KiB items
-39-64k -> 72-131k items/s; a prototype that sent every batch by value gave 62k against 53k items/s for 4 KiB
-items (256 KiB batches) and 19k against 26k for 16 KiB items (1 MiB), hence the bound. Anything else
-pickles as before.
+one writable buffer. Measured with 2 workers, batches of 64, on this project's 2-core machine, by value
+against shared memory (``create_data_loader``, two alternating runs): 1 KiB items 100-130k against 39-57k
+items/s, 4 KiB items (batches of 256 KiB) 61-75k against 40-49k, 8 KiB items (512 KiB) 37-50k against 40k;
+a prototype that sent every batch by value gave 19k against 26k for 16 KiB items (1 MiB), hence the bound.
+Anything else pickles as before.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.utils.data
 
-BY_VALUE_MAX = 256 << 10  # bytes: a worker's batch up to this size travels by value
+BY_VALUE_MAX = 512 << 10  # bytes: a worker's batch up to this size travels by value
 
 
 def by_value(batch: dict, kind: type):
