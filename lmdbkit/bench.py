@@ -341,7 +341,7 @@ def bench_dataloader(kind: str, paths: dict[str, Path], *, workers=(0, 1, 2, 4),
             for loader in loaders.values():
                 if hasattr(loader.dataset, "close"):
                     loader.dataset.close()
-            del loaders
+            loaders.clear()
         for method, ips in best.items():
             m = mem.get(method)
             extra = {"workers_memory": m} if m else {}
