@@ -1,11 +1,9 @@
 """Format 2: small items packed in runs (lmdbkit.runs), default keys implicit; format 1 still read and written."""
 
-import multiprocessing
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
