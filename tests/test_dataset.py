@@ -173,7 +173,7 @@ def test_prebatch_falls_back_for_variable_shapes(small_db, tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_create_data_loader_prebatches_into_shared_memory(fixed_db, workers):
+def test_create_data_loader_prebatches_with_and_without_workers(fixed_db, workers):
     loader = lmdbkit.create_data_loader(fixed_db, batch_size=8, num_workers=workers, shuffle=True)
     assert loader.dataset.prebatch
     batches = list(loader)
