@@ -65,9 +65,9 @@ class Block:
             out.append(row)
         return out
 
-    def batch(self, collate_rest) -> Batch:
-        """The collated batch: the block's tensors, int and float fields as int64 and float64 tensors (what
-        default_collate makes of them), the other fields collated by ``collate_rest``."""
+    def batch(self, collate_rest, into: type | None = None) -> dict:
+        """The collated batch, an ``into`` (default Batch): the block's tensors, int and float fields as int64 and
+        float64 tensors (what default_collate makes of them), the other fields collated by ``collate_rest``."""
         done = dict(self.arrays)
         for k, t in self.scalars.items():
             vals = [m[k] for m in self.metas]
@@ -81,7 +81,7 @@ class Block:
         rest = [k for k in self.order if k not in done]
         if rest:
             done.update(collate_rest([{k: m[k] for k in rest} for m in self.metas]))
-        return Batch({k: done[k] for k in self.order})
+        return (into or Batch)({k: done[k] for k in self.order})
 
     def owns(self, batch: list) -> bool:
         """Whether ``batch`` is this block's rows, all of them, in order, with their arrays untouched. Each
@@ -225,7 +225,7 @@ def _collate_rows(batch: list, *, collate_fn_map=None):
     block = block_of(batch)
     if block is not None:
         in_worker = torch.utils.data.get_worker_info() is not None
-        return (Collated if in_worker else dict)(block.batch(rest))
+        return block.batch(rest, Collated if in_worker else dict)
     return rest(batch)
 
 
