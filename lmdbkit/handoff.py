@@ -2,12 +2,12 @@
 
 A DataLoader worker pickles each batch into its result queue, and torch pickles a tensor as a piece of shared
 memory: a file that the worker creates and maps and whose descriptor the main process fetches over a socket
-from the worker, then maps again. That costs a fixed ~0.3-0.5 ms a batch whatever its size. A batch of 64
-items of 1 KiB is 64 KiB, which the pipe carries in far less. So a batch whose tensors are views of one
+from the worker, then maps again: a cost a batch whatever its size, most of a small batch's (below). A batch
+of 64 items of 1 KiB is 64 KiB, which the pipe carries in far less. So a batch whose tensors are views of one
 private block of at most ``BY_VALUE_MAX`` bytes (``batch.decode_block`` makes it private in a worker when it
 is that small) pickles as those bytes and how each tensor lies in them; unpickled, its tensors are views of
 one writable buffer. Measured with 2 workers, batches of 64, on this project's 2-core machine, by value
-against shared memory (``create_data_loader``, two alternating runs): 1 KiB items 100-130k against 39-57k
+against shared memory (``create_data_loader``, alternating runs of each): 1 KiB items 100-130k against 39-57k
 items/s, 4 KiB items (batches of 256 KiB) 61-75k against 40-49k, 8 KiB items (512 KiB) 37-50k against 40k;
 a prototype that sent every batch by value gave 19k against 26k for 16 KiB items (1 MiB), hence the bound.
 Anything else pickles as before.
