@@ -15,30 +15,32 @@ from __future__ import annotations
 import errno
 import math
 import operator
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable
 
 import torch
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from . import codec, handoff, layout as layouts
+from . import codec, handoff, layout as layouts, segments
 from .errors import DamagedDatabaseError, LmdbkitError
 
 
 class Batch(dict):
-    """A batch that LMDBDataset(prebatch=True) collated itself; lmdbkit's collate passes it through. A small
-    one pickles by value (``handoff``): how a DataLoader worker hands it to the main process."""
+    """A batch that LMDBDataset(prebatch=True) collated itself; lmdbkit's collate passes it through. A
+    DataLoader worker hands it to the main process as ``handoff`` says (multiprocessing's pickler); anything
+    else pickles it as a Batch of its fields."""
 
     def __reduce__(self):
-        return handoff.by_value(self, Batch) or (Batch, (dict(self),))
+        return Batch, (dict(self),)
 
 
 class Collated(dict):
     """default_collate's batch of one Block's rows, made in a DataLoader worker: a plain dict once it reaches
-    the main process, by value when it is small (``handoff``)."""
+    the main process (``handoff``), or wherever else it is pickled."""
 
     def __reduce__(self):
-        return handoff.by_value(self, dict) or (dict, (dict(self),))
+        return dict, (dict(self),)
 
 
 class Block:
@@ -111,6 +113,10 @@ class Row(dict):
         return dict, (dict(self),)
 
 
+ForkingPickler.register(Batch, handoff.reducer(Batch))  # how a DataLoader worker's result queue pickles them
+ForkingPickler.register(Collated, handoff.reducer(dict))
+
+
 def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify: bool | list[bool], complex32: str,
                  shared: bool) -> Block | None:
     """Decode items whose arrays share one layout (``layout.batch_layout``) into a Block; None when their
@@ -131,7 +137,10 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
                if k not in shapes and type(v) in (int, float)}
     groups = shapes, {k: (dt, (n,)) for k, dt in numbers.items()}
     shared = shared and _size(*groups)[1] > handoff.BY_VALUE_MAX  # a smaller batch travels by value
-    arrays, scalars = _views(*groups, shared=shared)
+    try:
+        arrays, scalars = _views(*groups, shared=shared)
+    except OSError as exc:
+        raise _no_room(n, exc) from exc
     file = _shared_file(arrays) if shared else None  # (before the numpy views: see _shared_file)
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
     try:
@@ -139,9 +148,7 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
                                     file=file)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-            raise LmdbkitError(f"cannot fill a batch of {n} items in shared memory: {exc}. DataLoader workers hand "
-                               "batches over in /dev/shm: give it more room (docker run --shm-size=...), or use "
-                               "num_workers=0") from exc
+            raise _no_room(n, exc) from exc
         path = where(0)[0]
         raise DamagedDatabaseError(f"{path}: reading a batch failed ({exc}): is data.mdb truncated? Run "
                                    f"`lmdbkit verify {path}` for a report") from exc
@@ -155,6 +162,12 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
     if metas is None:  # an item's layout differs from the first's
         return None
     return Block(arrays, scalars, metas, layout.order)
+
+
+def _no_room(n: int, exc: OSError) -> LmdbkitError:
+    return LmdbkitError(f"cannot fill a batch of {n} items in shared memory: {exc}. DataLoader workers hand "
+                        "batches over in shared memory (/dev/shm and the memory limit): give it more room "
+                        "(docker run --shm-size=...), or use num_workers=0")
 
 
 ALIGN = 64
@@ -172,9 +185,13 @@ def _size(*groups: dict) -> tuple[list[int], int]:
 
 def _views(*groups: dict, shared: bool) -> list[dict]:
     """Tensors of the given (dtype, shape) per name, all views of one uninitialised byte storage (in shared
-    memory when asked, as default_collate allocates in workers), each aligned to 64 bytes."""
+    memory when asked, as default_collate allocates in workers: a worker's reused segment where one is free),
+    each aligned to 64 bytes."""
     offsets, total = _size(*groups)
-    storage = batch_tensor(torch.uint8, (max(total, ALIGN),), shared=shared)
+    pool = segments.pool() if shared else None
+    storage = pool.bytes(max(total, ALIGN)) if pool is not None else None
+    if storage is None:
+        storage = batch_tensor(torch.uint8, (max(total, ALIGN),), shared=shared)
     out, k = [], 0
     for group in groups:
         views = {}
@@ -201,9 +218,10 @@ def _shared_file(arrays: dict) -> tuple[int, dict[str, int]] | None:
     mapping. Asking a storage of named shared memory for a file descriptor moves it to new memory (the
     tensors follow; a numpy view made before would point at memory given back, and a worker writing through
     it died of SIGSEGV), so it is asked only under the ``file_descriptor`` strategy, before any view is made."""
-    if not arrays or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+    first = next(iter(arrays.values()), None)
+    if (first is None or not first.untyped_storage().is_shared()  # a reused segment: copied through its map
+            or torch.multiprocessing.get_sharing_strategy() != "file_descriptor"):
         return None
-    first = next(iter(arrays.values()))
     try:
         fd, _size = first.untyped_storage()._share_fd_cpu_()
     except (RuntimeError, AttributeError):

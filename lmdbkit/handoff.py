@@ -1,16 +1,21 @@
-"""How a batch made in a DataLoader worker reaches the main process: a small one by value, through the pipe.
+"""How a batch made in a DataLoader worker reaches the main process: a small one by value, through the pipe; a
+big one in shared memory the worker reuses (``segments``).
 
-A DataLoader worker pickles each batch into its result queue, and torch pickles a tensor as a piece of shared
-memory: a file that the worker creates and maps and whose descriptor the main process fetches over a socket
-from the worker, then maps again: a cost a batch whatever its size, most of a small batch's (below). A batch
-of 64 items of 1 KiB is 64 KiB, which the pipe carries in far less. So a batch whose tensors are views of one
-private block of at most ``BY_VALUE_MAX`` bytes (``batch.decode_block`` makes it private in a worker when it
-is that small) pickles as those bytes and how each tensor lies in them; unpickled, its tensors are views of
-one writable buffer. Measured with 2 workers, batches of 64, on this project's 2-core machine, by value
-against shared memory (``create_data_loader``, alternating runs of each): 1 KiB items 100-130k against 39-57k
-items/s, 4 KiB items (batches of 256 KiB) 61-75k against 40-49k, 8 KiB items (512 KiB) 37-50k against 40k;
-a prototype that sent every batch by value gave 19k against 26k for 16 KiB items (1 MiB), hence the bound.
-Anything else pickles as before.
+A DataLoader worker pickles each batch into its result queue (multiprocessing's ForkingPickler, for which
+``batch`` registers ``reducer``), and torch pickles a tensor as a piece of shared memory: a file that the
+worker creates and maps and whose descriptor the main process fetches over a socket from the worker, then
+maps again: a cost a batch whatever its size, most of a small batch's (below). A batch of 64 items of 1 KiB is
+64 KiB, which the pipe carries in far less. So a batch whose tensors are views of one private block of at most
+``BY_VALUE_MAX`` bytes (``batch.decode_block`` makes it private in a worker when it is that small) pickles as
+those bytes and how each tensor lies in them; unpickled, its tensors are views of one writable buffer.
+Measured with 2 workers, batches of 64, on this project's 2-core machine, by value against shared memory
+(``create_data_loader``, alternating runs of each): 1 KiB items 100-130k against 39-57k items/s, 4 KiB items
+(batches of 256 KiB) 61-75k against 40-49k, 8 KiB items (512 KiB) 37-50k against 40k; a prototype that sent
+every batch by value gave 19k against 26k for 16 KiB items (1 MiB), hence the bound. Against reused segments
+(two alternating runs each): 1 KiB 120-128k by value against 64-80k, 4 KiB 79-87k against 64-67k, 8 KiB 55-63k
+against 57-63k. A bigger batch goes in a segment when its worker has one free; anything else (tensors of
+several storages, a segment still out) pickles as torch does. Pickled anywhere else (``pickle``, ``copy``,
+``torch.save``), a batch is a plain dict of its fields.
 """
 
 from __future__ import annotations
@@ -18,15 +23,25 @@ from __future__ import annotations
 import torch
 import torch.utils.data
 
+from . import segments
+
 BY_VALUE_MAX = 512 << 10  # bytes: a worker's batch up to this size travels by value
 
 
-def by_value(batch: dict, kind: type):
-    """``(rebuild, args)`` that pickles ``batch`` (a dict) by value as a ``kind`` (dict or a subclass), in a
-    DataLoader worker; None elsewhere (``torch.save``, ``copy``: as any dict) and when its tensors are not
-    contiguous CPU views of one private storage of at most BY_VALUE_MAX bytes."""
-    if torch.utils.data.get_worker_info() is None:
-        return None
+def reducer(kind: type):
+    """How a DataLoader worker pickles a batch (a dict) into its result queue, as a ``kind`` (dict or a subclass):
+    in a reused segment (``segments``) when its tensors lie in one, by value when small, else as any dict."""
+    def reduce(batch: dict):
+        try:
+            return in_segment(batch, kind) or by_value(batch, kind) or (kind, (dict(batch),))
+        except Exception:  # (the queue's feeder would drop the batch, and the DataLoader wait for it forever)
+            return kind, (dict(batch),)
+    return reduce
+
+
+def _tensors(batch: dict):
+    """(the one storage of the batch's tensors, their specs, the other fields); None when the tensors are
+    not contiguous CPU views of one storage."""
     storage, specs, rest = None, [], {}
     for k, v in batch.items():
         if type(v) is not torch.Tensor:
@@ -35,19 +50,54 @@ def by_value(batch: dict, kind: type):
             continue
         s = v.untyped_storage()
         storage = s if storage is None else storage
-        if (s.data_ptr() != storage.data_ptr() or s.device.type != "cpu" or s.is_shared() or not v.is_contiguous()
-                or v.requires_grad):
+        if s.data_ptr() != storage.data_ptr() or s.device.type != "cpu" or not v.is_contiguous() or v.requires_grad:
             return None
         specs.append((k, (v.storage_offset() * v.element_size(), v.numel() * v.element_size(), v.dtype,
                           tuple(v.shape))))
-    if storage is None or storage.nbytes() > BY_VALUE_MAX:
+    return (storage, specs, rest) if storage is not None else None
+
+
+def in_segment(batch: dict, kind: type):
+    """``(rebuild, args)`` sending a worker's batch whose tensors lie in one of its segments; None otherwise,
+    and when that segment's last batch is still out (then it pickles by value or as torch does: a copy)."""
+    pool = segments.pool() if torch.utils.data.get_worker_info() is not None else None
+    found = _tensors(batch) if pool is not None else None
+    seg = pool.segment_of(found[0]) if found else None
+    if seg is None or int(seg.returned[0]) != seg.sent:
+        return None
+    _storage, specs, rest = found
+    specs = [(k, spec and (segments.HEADER + spec[0], *spec[1:])) for k, spec in specs]  # (from the file's start)
+    return _rebuild_segment, (kind, segments.send(seg), specs, rest)
+
+
+def _rebuild_segment(kind: type, sent: tuple, specs: list, rest: dict) -> dict:
+    return _assemble(kind, segments.receive(*sent), specs, rest)
+
+
+def by_value(batch: dict, kind: type):
+    """``(rebuild, args)`` that pickles ``batch`` (a dict) by value as a ``kind`` (dict or a subclass), in a
+    DataLoader worker; None elsewhere and when its tensors are not contiguous CPU views of one private
+    storage of at most BY_VALUE_MAX bytes."""
+    if torch.utils.data.get_worker_info() is None:
+        return None
+    found = _tensors(batch)
+    if found is None:
+        return None
+    storage, specs, rest = found
+    if storage.is_shared() or storage.nbytes() > BY_VALUE_MAX:
         return None
     data = bytearray(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
     return _rebuild, (kind, data, specs, rest)
 
 
 def _rebuild(kind: type, data: bytearray, specs: list, rest: dict) -> dict:
-    base = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return _assemble(kind, torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8),
+                     specs, rest)
+
+
+def _assemble(kind: type, base: torch.Tensor, specs: list, rest: dict) -> dict:
+    """The batch, a ``kind``: each tensor field a view of the bytes ``base`` by its spec (byte start, nbytes,
+    dtype, shape), the other fields from ``rest``, in their order."""
     out = kind()
     for k, spec in specs:
         if spec is None:

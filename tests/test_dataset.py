@@ -195,23 +195,27 @@ def test_prebatch_names_a_corrupt_item(fixed_db):
 
 def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
     """torch.multiprocessing.set_sharing_strategy("file_system") (the usual remedy for "too many open files")
-    moved a batch's shared memory away from the views a worker was filling: the worker died of SIGSEGV."""
+    moved a batch's shared memory away from the views a worker was filling: the worker died of SIGSEGV. Each
+    batch goes in torch's shared memory first (no reused segments: lmdbkit.segments), then in segments."""
     code = (
-        "import sys, torch, lmdbkit\n"
+        "import sys, torch, lmdbkit, lmdbkit.segments\n"
         "from torch.utils.data import DataLoader\n"
         "torch.multiprocessing.set_sharing_strategy('file_system')\n"
-        "import lmdbkit.handoff; lmdbkit.handoff.BY_VALUE_MAX = 0\n"  # every batch in shared memory (the forked workers see it)
-        "for path, size in ((sys.argv[1], 256), (sys.argv[2], 40_000)):\n"  # copied in place; written with pwrite
-        "    with lmdbkit.Writer(path) as w:\n"
-        "        for i in range(96):\n"
-        "            w.append({'x': torch.full((size,), float(i)), 'label': i})\n"
-        "    for loader in (DataLoader(lmdbkit.LMDBDataset(path), batch_size=16, num_workers=2, shuffle=True),\n"
-        "                   lmdbkit.create_data_loader(path, batch_size=16, num_workers=2, shuffle=True)):\n"
-        "        got = []\n"
-        "        for b in loader:\n"
-        "            assert b['x'].is_shared() and torch.equal(b['x'], b['label'][:, None].float().expand(-1, size))\n"
-        "            got += b['label'].tolist()\n"
-        "        assert sorted(got) == list(range(96)), got\n"
+        "import lmdbkit.handoff; lmdbkit.handoff.BY_VALUE_MAX = 0\n"  # no batch by value (the forked workers see it)
+        "for keep in (0, 8):\n"
+        "    lmdbkit.segments.KEEP = keep\n"
+        "    for path, size in ((sys.argv[1], 256), (sys.argv[2], 40_000)):\n"  # copied in place; written with pwrite
+        "        with lmdbkit.Writer(path, mode='overwrite') as w:\n"
+        "            for i in range(96):\n"
+        "                w.append({'x': torch.full((size,), float(i)), 'label': i})\n"
+        "        for loader in (DataLoader(lmdbkit.LMDBDataset(path), batch_size=16, num_workers=2, shuffle=True),\n"
+        "                       lmdbkit.create_data_loader(path, batch_size=16, num_workers=2, shuffle=True)):\n"
+        "            got = []\n"
+        "            for b in loader:\n"
+        "                assert b['x'].is_shared() == (keep == 0)\n"
+        "                assert torch.equal(b['x'], b['label'][:, None].float().expand(-1, size))\n"
+        "                got += b['label'].tolist()\n"
+        "            assert sorted(got) == list(range(96)), got\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "small.lmdb"), str(tmp_path / "large.lmdb")],
@@ -219,13 +223,18 @@ def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("by_value", [True, False])
-def test_workers_hand_small_batches_over_by_value_and_large_ones_in_shared_memory(fixed_db, tmp_path, monkeypatch,
-                                                                                  by_value):
-    from lmdbkit import handoff
+@pytest.mark.parametrize("handoff", ["by value", "segment", "shared memory"])
+def test_workers_hand_batches_over_by_value_in_segments_or_in_shared_memory(fixed_db, tmp_path, monkeypatch,
+                                                                            handoff):
+    from lmdbkit import handoff as handoffs, segments
     from lmdbkit.dataset import Batch
-    if not by_value:
-        monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)  # the forked workers see it too
+    if handoff != "by value":
+        monkeypatch.setattr(handoffs, "BY_VALUE_MAX", 0)  # the forked workers see it too
+    if handoff == "shared memory":
+        monkeypatch.setattr(segments, "KEEP", 0)  # no segment: torch's shared memory, as default_collate's
+    received = []
+    receive = segments.receive
+    monkeypatch.setattr(segments, "receive", lambda *a: received.append(a[2]) or receive(*a))  # (the main process)
     numeric = tmp_path / "numeric.lmdb"  # default_collate (the plain DataLoader) refuses None and takes no str
     with lmdbkit.Writer(numeric) as w:
         for s in lmdbkit.LMDBDataset(fixed_db):
@@ -236,9 +245,9 @@ def test_workers_hand_small_batches_over_by_value_and_large_ones_in_shared_memor
                                      multiprocessing_context="fork")
     ref = lmdbkit.LMDBDataset(fixed_db)
     for loader, kind in ((plain, dict), (pre, Batch)):
-        seen = []
+        seen, received[:] = [], []
         for b in loader:
-            assert type(b) is kind and b["x"].is_shared() == (not by_value)
+            assert type(b) is kind and b["x"].is_shared() == (handoff == "shared memory")
             for j, i in enumerate((b["x"][:, 0, 0]).long().tolist()):
                 want = ref[i]
                 for k in ("x", "c", "bf", "y"):
@@ -249,33 +258,48 @@ def test_workers_hand_small_batches_over_by_value_and_large_ones_in_shared_memor
             b["x"] += 1  # writable
             seen += b["x"][:, 0, 0].long().tolist()
         assert sorted(seen) == list(range(1, 41))
+        assert len(received) == (5 if handoff == "segment" else 0)
 
 
-def test_a_batch_pickles_by_value_with_every_dtype_and_shape(monkeypatch):
+@pytest.mark.parametrize("handoff", ["by value", "segment"])
+def test_a_batch_pickles_by_value_or_in_a_segment_with_every_dtype_and_shape(monkeypatch, handoff):
+    """How a DataLoader worker's result queue (multiprocessing's ForkingPickler) pickles a batch; pickle and
+    copy see a plain dict, as they do outside a worker."""
     import pickle
-    from lmdbkit import handoff
+    from multiprocessing.reduction import ForkingPickler
+    from lmdbkit import handoff as handoffs, segments
     from lmdbkit.batch import Batch, Collated, _views
-    assert handoff.by_value(Batch(x=torch.zeros(3)), Batch) is None  # outside a DataLoader worker: as any dict
+    assert handoffs.by_value(Batch(x=torch.zeros(3)), Batch) is None  # outside a DataLoader worker: as any dict
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as if in one
+    if handoff == "segment":
+        monkeypatch.setattr(handoffs, "BY_VALUE_MAX", 0)
     dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
               torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
     shapes = {f"f{i}": (dt, (3, *shape)) for i, (dt, shape) in
               enumerate((dt, shape) for dt in dtypes for shape in ((), (0,), (2, 5)))}
-    (views,) = _views(shapes, shared=False)
+    (views,) = _views(shapes, shared=handoff == "segment")
     for k, t in views.items():
         t.copy_(torch.arange(t.numel()).reshape(t.shape).to(t.dtype) if t.numel() else t)
     batch = Batch(views, names=["a", "b", "c"], extra=None)
-    assert handoff.by_value(batch, Batch) is not None
-    back = pickle.loads(pickle.dumps(batch))
+    received = []
+    receive = segments.receive
+    monkeypatch.setattr(segments, "receive", lambda *a: received.append(a) or receive(*a))
+    back = pickle.loads(ForkingPickler.dumps(batch))
+    assert len(received) == (handoff == "segment")
     assert type(back) is Batch and list(back) == list(batch) and back["names"] == ["a", "b", "c"]
     for k, t in views.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
         assert back[k].numel() == 0 or back[k].data_ptr() != t.data_ptr()
-    assert type(pickle.loads(pickle.dumps(Collated(batch)))) is dict
-    # what it does not take: tensors of two storages, a shared or too big one; they pickle as before
+        assert not back[k].is_shared()
+    assert type(pickle.loads(ForkingPickler.dumps(Collated(batch)))) is dict
+    for plain in (pickle.loads(pickle.dumps(batch)), __import__("copy").deepcopy(batch)):  # not the queue's pickler
+        assert type(plain) is Batch and all(torch.equal(plain[k], t) for k, t in views.items())
+    # what it does not take: tensors of two storages, a shared or too big one; they pickle as torch does
     for other in (Batch(views, y=torch.zeros(2)), Batch({k: t.share_memory_() for k, t in
                                                           _views({"x": (torch.float32, (4,))}, shared=False)[0].items()}),
-                  Batch(x=torch.zeros(handoff.BY_VALUE_MAX))):
-        assert handoff.by_value(other, Batch) is None
-        back = pickle.loads(pickle.dumps(other))
+                  Batch(x=torch.zeros(handoffs.BY_VALUE_MAX + 1))):
+        assert handoffs.in_segment(other, Batch) is None and handoffs.by_value(other, Batch) is None
+        back = pickle.loads(ForkingPickler.dumps(other))
         assert type(back) is Batch and all(torch.equal(back[k], v) for k, v in other.items() if k != "names")
+
+

@@ -1,0 +1,156 @@
+"""The shared memory a DataLoader worker reuses for its big batches (lmdbkit.segments): a segment is filled
+again only once the main process has dropped every batch it got from it and the worker holds none."""
+
+import os
+import pickle
+import subprocess
+import sys
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+
+import lmdbkit
+from lmdbkit import handoff, segments
+from lmdbkit.batch import Batch
+from lmdbkit.dataset import collate
+
+
+class _Dup:  # a received descriptor, as DupFd.detach gives it
+    def __init__(self, fd):
+        self.fd = fd
+
+    def detach(self):
+        return os.dup(self.fd)
+
+
+def test_a_segment_is_free_once_neither_process_holds_its_batch():
+    pool = segments.Pool()
+    data = pool.bytes(3000)
+    (seg,) = pool.segments.values()
+    assert seg.size == segments.GRAIN and not seg.free()
+    data[:] = 7
+    del data
+    assert seg.free()  # the worker dropped it before sending
+    again = pool.bytes(2000)
+    assert list(pool.segments.values()) == [seg]
+    fd_ref, size, count = segments.send(seg)
+    del again
+    assert not seg.free()  # sent, not yet given back
+    got = segments.receive(_Dup(seg.fd), size, count)[segments.HEADER:segments.HEADER + 2000]
+    assert got.eq(7).all()
+    os.close(fd_ref.detach())  # (what the main process would fetch)
+    view = got[10:20]
+    del got
+    assert not seg.free()  # a view of the received batch is still alive
+    del view
+    assert seg.free() and int(seg.returned[0]) == seg.sent == 1
+
+
+def test_a_worker_keeps_at_most_KEEP_segments_and_trades_a_small_free_one_for_a_bigger_batch():
+    pool = segments.Pool()
+    held = [pool.bytes(1000) for _ in range(segments.KEEP)]
+    assert len(pool.segments) == segments.KEEP and pool.bytes(1000) is None  # all in use: torch's shared memory
+    del held[0]
+    big = pool.bytes(3 * segments.GRAIN)
+    assert big is not None and len(pool.segments) == segments.KEEP
+    assert sorted(s.size for s in pool.segments.values())[-1] == 4 * segments.GRAIN
+
+
+def test_a_forked_child_has_its_own_pool():
+    parent = segments.pool()
+    parent.bytes(100)
+    pid = os.fork()
+    if pid == 0:
+        child = segments.pool()
+        os._exit(0 if child is not parent and not child.segments and parent.segment_of(torch.empty(0).untyped_storage())
+                 is None else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+@pytest.fixture
+def stft_like_db(tmp_path):
+    p = tmp_path / "big.lmdb"
+    with lmdbkit.Writer(p) as w:
+        for i in range(192):
+            w.append({"x": torch.full((64, 64), float(i)), "label": i})  # 16 KiB items, 256 KiB batches of 16
+    return p
+
+
+def _count_receives(monkeypatch):
+    received = []
+    receive = segments.receive
+    monkeypatch.setattr(segments, "receive", lambda *a: received.append(a[2]) or receive(*a))
+    return received
+
+
+@pytest.mark.parametrize("prebatch", [True, False])
+def test_batches_the_main_process_holds_are_never_filled_again(stft_like_db, monkeypatch, prebatch):
+    monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)  # every batch in a segment when one is free
+    received = _count_receives(monkeypatch)
+    ds = lmdbkit.LMDBDataset(stft_like_db, prebatch=prebatch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, shuffle=True, persistent_workers=True,
+                                         collate_fn=collate if prebatch else None)
+    held = list(loader)  # 6 batches a worker, all held: none of their segments may be filled again
+    assert len(received) == 12 and set(received) == {1}  # each segment sent once
+    for b in held:
+        assert torch.equal(b["x"], b["label"].float()[:, None, None].expand(-1, 64, 64))
+    del held, b
+    received.clear()
+    for _ in range(2):
+        seen = []
+        for b in loader:  # dropped as the next one comes: their segments are filled again
+            assert torch.equal(b["x"], b["label"].float()[:, None, None].expand(-1, 64, 64))
+            seen += b["label"].tolist()
+        assert sorted(seen) == list(range(192))
+    assert max(received) > 1
+
+
+def test_spawned_workers_hand_batches_over_in_segments(stft_like_db):
+    code = (
+        "import sys, torch, lmdbkit, lmdbkit.segments as segments\n"
+        "received = []\n"
+        "receive = segments.receive\n"
+        "segments.receive = lambda *a: received.append(a) or receive(*a)\n"
+        "if __name__ == '__main__':\n"
+        "    loader = lmdbkit.create_data_loader(sys.argv[1], batch_size=64, num_workers=2, shuffle=True,\n"
+        "                                        multiprocessing_context='spawn')\n"
+        "    got = []\n"
+        "    for b in loader:\n"
+        "        assert torch.equal(b['x'], b['label'].float()[:, None, None].expand(-1, 64, 64))\n"
+        "        got += b['label'].tolist()\n"
+        "    assert sorted(got) == list(range(192)) and len(received) == 3, (got, received)\n"
+        "    print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(stft_like_db)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_no_room_for_a_segment_is_an_error_naming_the_remedy(stft_like_db):
+    """A full memory limit must fail where the segment is made (posix_fallocate), never as a SIGBUS while the
+    worker writes through the map. RLIMIT_FSIZE refuses the segment's size for real (EFBIG)."""
+    code = (
+        "import resource, signal, sys, torch, lmdbkit\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, resource.RLIM_INFINITY))\n"
+        "loader = lmdbkit.create_data_loader(sys.argv[1], batch_size=64, num_workers=1)\n"
+        "try:\n"
+        "    next(iter(loader))\n"
+        "except lmdbkit.LmdbkitError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(stft_like_db)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cannot fill a batch of 64 items in shared memory" in proc.stdout and "num_workers=0" in proc.stdout
+
+
+def test_a_batch_sent_twice_is_copied_the_second_time(monkeypatch):
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as if in a DataLoader worker
+    data = segments.pool().bytes(handoff.BY_VALUE_MAX + 4096)
+    batch = Batch(x=data.view(torch.float32))
+    batch["x"][:] = 3
+    first = pickle.loads(ForkingPickler.dumps(batch))
+    second = pickle.loads(ForkingPickler.dumps(batch))  # its segment is still out: torch shares a copy
+    assert not first["x"].is_shared() and second["x"].is_shared()
+    first["x"][:] = 5
+    assert second["x"].eq(3).all()
