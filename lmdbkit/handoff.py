@@ -63,11 +63,11 @@ def in_segment(batch: dict, kind: type):
     pool = segments.pool() if torch.utils.data.get_worker_info() is not None else None
     found = _tensors(batch) if pool is not None else None
     seg = pool.segment_of(found[0]) if found else None
-    if seg is None or int(seg.returned[0]) != seg.sent:
+    if seg is None or int(seg.returned) != seg.sent:
         return None
     _storage, specs, rest = found
     specs = [(k, spec and (segments.HEADER + spec[0], *spec[1:])) for k, spec in specs]  # (from the file's start)
-    return _rebuild_segment, (kind, segments.send(seg), specs, rest)
+    return _rebuild_segment, (kind, pool.send(seg), specs, rest)
 
 
 def _rebuild_segment(kind: type, sent: tuple, specs: list, rest: dict) -> dict:

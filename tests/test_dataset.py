@@ -234,7 +234,7 @@ def test_workers_hand_batches_over_by_value_in_segments_or_in_shared_memory(fixe
         monkeypatch.setattr(segments, "KEEP", 0)  # no segment: torch's shared memory, as default_collate's
     received = []
     receive = segments.receive
-    monkeypatch.setattr(segments, "receive", lambda *a: received.append(a[2]) or receive(*a))  # (the main process)
+    monkeypatch.setattr(segments, "receive", lambda *a: received.append(a[3]) or receive(*a))  # (the main process)
     numeric = tmp_path / "numeric.lmdb"  # default_collate (the plain DataLoader) refuses None and takes no str
     with lmdbkit.Writer(numeric) as w:
         for s in lmdbkit.LMDBDataset(fixed_db):

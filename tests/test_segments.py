@@ -34,17 +34,17 @@ def test_a_segment_is_free_once_neither_process_holds_its_batch():
     assert seg.free()  # the worker dropped it before sending
     again = pool.bytes(2000)
     assert list(pool.segments.values()) == [seg]
-    fd_ref, size, count = segments.send(seg)
+    name, fd_ref, size, count, dropped = pool.send(seg)
     del again
     assert not seg.free()  # sent, not yet given back
-    got = segments.receive(_Dup(seg.fd), size, count)[segments.HEADER:segments.HEADER + 2000]
+    got = segments.receive(name, _Dup(seg.fd), size, count, dropped)[segments.HEADER:segments.HEADER + 2000]
     assert got.eq(7).all()
     os.close(fd_ref.detach())  # (what the main process would fetch)
     view = got[10:20]
     del got
     assert not seg.free()  # a view of the received batch is still alive
     del view
-    assert seg.free() and int(seg.returned[0]) == seg.sent == 1
+    assert seg.free() and int(seg.returned) == seg.sent == 1
 
 
 def test_a_worker_keeps_at_most_KEEP_segments_and_trades_a_small_free_one_for_a_bigger_batch():
@@ -80,7 +80,7 @@ def stft_like_db(tmp_path):
 def _count_receives(monkeypatch):
     received = []
     receive = segments.receive
-    monkeypatch.setattr(segments, "receive", lambda *a: received.append(a[2]) or receive(*a))
+    monkeypatch.setattr(segments, "receive", lambda *a: received.append(a[3]) or receive(*a))
     return received
 
 
@@ -154,3 +154,61 @@ def test_a_batch_sent_twice_is_copied_the_second_time(monkeypatch):
     assert not first["x"].is_shared() and second["x"].is_shared()
     first["x"][:] = 5
     assert second["x"].eq(3).all()
+
+
+def _wait_for(check, seconds=30.0):
+    import time
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return check()
+
+
+def test_the_main_process_maps_a_segment_once_and_forgets_it_when_the_worker_ends(stft_like_db, monkeypatch):
+    monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)
+    sent = []
+    receive = segments.receive
+    monkeypatch.setattr(segments, "receive", lambda *a: sent.append(a) or receive(*a))
+    loader = lmdbkit.create_data_loader(stft_like_db, batch_size=16, num_workers=2, shuffle=True,
+                                        persistent_workers=False)
+    for _ in range(2):
+        kept = list(loader)  # the second epoch's workers are new processes; the last batch is still held
+        del kept
+    held = list(loader)
+    workers = {name[0] for name, *_ in sent}
+    assert len(workers) == 6 and all(a[1] is None for a in sent if a[3] > 1)  # a descriptor once per segment
+    assert _wait_for(lambda: not set(segments._mappings().pidfds) & workers)  # the workers ended: forgotten
+    assert not any(name[0] in workers for name in segments._mappings().maps)
+    for b in held:  # the batches still held keep their memory
+        assert torch.equal(b["x"], b["label"].float()[:, None, None].expand(-1, 64, 64))
+
+
+def test_a_segment_the_worker_closes_is_forgotten_and_without_pidfd_every_batch_brings_its_descriptor(monkeypatch):
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as if in a DataLoader worker
+    monkeypatch.setattr(segments, "KEEP", 1)
+    pool = segments.Pool()
+    monkeypatch.setattr(segments, "_pool", pool)
+    monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)
+    descriptors = []
+    receive = segments.receive
+    monkeypatch.setattr(segments, "receive", lambda *a: descriptors.append(a[1] is not None) or receive(*a))
+
+    def round_trip(nbytes):
+        batch = Batch(x=pool.bytes(nbytes))
+        batch["x"][:] = 9
+        back = pickle.loads(ForkingPickler.dumps(batch))
+        assert back["x"].eq(9).all()
+    round_trip(1000)
+    (small,) = pool.segments.values()
+    name = (pool.pid, pool.token, small.address)
+    assert name in segments._mappings().maps and int(small.kept) == 1
+    round_trip(1000)  # mapped already: no descriptor
+    assert descriptors == [True, False]
+    round_trip(3 * segments.GRAIN)  # KEEP is 1: the small segment is closed for a bigger one
+    assert name not in segments._mappings().maps and len(pool.segments) == 1
+    monkeypatch.delattr(os, "pidfd_open")
+    monkeypatch.setattr(segments, "_maps", None)
+    for _ in range(2):
+        round_trip(5 * segments.GRAIN)
+        assert not segments._mappings().maps and not any(int(s.kept) for s in pool.segments.values())
+    assert descriptors[-2:] == [True, True]
