@@ -1,8 +1,8 @@
 """A batch of items decoded into one block, so that a DataLoader batch costs one copy from the memory map.
 
 ``decode_block`` copies each array field of every item straight from the map into its row of one batch
-tensor (allocated in shared memory inside a DataLoader worker, as ``default_collate`` would allocate it, unless
-the batch is small enough to travel to the main process by value: ``handoff``). The items are then handed out
+tensor (inside a DataLoader worker, in shared memory that the worker reuses: ``segments``; ``handoff`` says
+how the batch reaches the main process). The items are then handed out
 as ``Row`` dicts, whose arrays are views of those rows. ``Row`` is registered in torch's
 ``default_collate_fn_map`` (torch's documented way to extend ``default_collate``), so a plain
 ``DataLoader(LMDBDataset(path))`` collates a batch of untouched rows by handing back the block's tensors
@@ -136,12 +136,11 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
     numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.first.items()
                if k not in shapes and type(v) in (int, float)}
     groups = shapes, {k: (dt, (n,)) for k, dt in numbers.items()}
-    shared = shared and _size(*groups)[1] > handoff.BY_VALUE_MAX  # a smaller batch travels by value
     try:
         arrays, scalars = _views(*groups, shared=shared)
     except OSError as exc:
         raise _no_room(n, exc) from exc
-    file = _shared_file(arrays) if shared else None  # (before the numpy views: see _shared_file)
+    file = _shared_file(arrays)  # (before the numpy views: see _shared_file)
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
     try:
         metas = layouts.decode_layout(bufs, layout, dests, verify=verify, complex32=complex32, decode_to="torch",
@@ -184,14 +183,15 @@ def _size(*groups: dict) -> tuple[list[int], int]:
 
 
 def _views(*groups: dict, shared: bool) -> list[dict]:
-    """Tensors of the given (dtype, shape) per name, all views of one uninitialised byte storage (in shared
-    memory when asked, as default_collate allocates in workers: a worker's reused segment where one is free),
-    each aligned to 64 bytes."""
+    """Tensors of the given (dtype, shape) per name, all views of one uninitialised byte storage, each aligned
+    to 64 bytes. ``shared`` (a DataLoader worker's batch): in a reused segment where one is free (``segments``),
+    else in private memory when small enough to travel by value, else in torch's shared memory (``handoff``)."""
     offsets, total = _size(*groups)
+    total = max(total, ALIGN)
     pool = segments.pool() if shared else None
-    storage = pool.bytes(max(total, ALIGN)) if pool is not None else None
+    storage = pool.bytes(total) if pool is not None else None
     if storage is None:
-        storage = batch_tensor(torch.uint8, (max(total, ALIGN),), shared=shared)
+        storage = batch_tensor(torch.uint8, (total,), shared=shared and total > handoff.BY_VALUE_MAX)
     out, k = [], 0
     for group in groups:
         views = {}

@@ -180,7 +180,7 @@ def test_create_data_loader_prebatches_with_and_without_workers(fixed_db, worker
     assert sorted(torch.cat([b["label"] for b in batches]).tolist()) == sorted(i % 3 for i in range(40))
     xs = torch.cat([b["x"][:, 0, 0] for b in batches]).long().tolist()
     assert sorted(xs) == list(range(40))
-    assert not batches[0]["x"].is_shared()  # a small batch comes from a worker by value (lmdbkit.handoff)
+    assert not batches[0]["x"].is_shared()  # a worker's batch comes in a segment it reuses (lmdbkit.segments)
     assert not lmdbkit.create_data_loader(fixed_db, transform=lambda s: s, num_workers=0).dataset.prebatch
 
 
@@ -201,7 +201,7 @@ def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
         "import sys, torch, lmdbkit, lmdbkit.segments\n"
         "from torch.utils.data import DataLoader\n"
         "torch.multiprocessing.set_sharing_strategy('file_system')\n"
-        "import lmdbkit.handoff; lmdbkit.handoff.BY_VALUE_MAX = 0\n"  # no batch by value (the forked workers see it)
+        "import lmdbkit.handoff; lmdbkit.handoff.BY_VALUE_MAX = 0\n"  # none by value (the forked workers see it)
         "for keep in (0, 8):\n"
         "    lmdbkit.segments.KEEP = keep\n"
         "    for path, size in ((sys.argv[1], 256), (sys.argv[2], 40_000)):\n"  # copied in place; written with pwrite
@@ -228,10 +228,10 @@ def test_workers_hand_batches_over_by_value_in_segments_or_in_shared_memory(fixe
                                                                             handoff):
     from lmdbkit import handoff as handoffs, segments
     from lmdbkit.dataset import Batch
-    if handoff != "by value":
-        monkeypatch.setattr(handoffs, "BY_VALUE_MAX", 0)  # the forked workers see it too
+    if handoff != "segment":
+        monkeypatch.setattr(segments, "KEEP", 0)  # no segment is free (the forked workers see it too)
     if handoff == "shared memory":
-        monkeypatch.setattr(segments, "KEEP", 0)  # no segment: torch's shared memory, as default_collate's
+        monkeypatch.setattr(handoffs, "BY_VALUE_MAX", 0)  # nor small enough: torch's shared memory
     received = []
     receive = segments.receive
     monkeypatch.setattr(segments, "receive", lambda *a: received.append(a[3]) or receive(*a))  # (the main process)
@@ -271,8 +271,6 @@ def test_a_batch_pickles_by_value_or_in_a_segment_with_every_dtype_and_shape(mon
     from lmdbkit.batch import Batch, Collated, _views
     assert handoffs.by_value(Batch(x=torch.zeros(3)), Batch) is None  # outside a DataLoader worker: as any dict
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as if in one
-    if handoff == "segment":
-        monkeypatch.setattr(handoffs, "BY_VALUE_MAX", 0)
     dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
               torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
     shapes = {f"f{i}": (dt, (3, *shape)) for i, (dt, shape) in

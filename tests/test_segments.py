@@ -86,7 +86,6 @@ def _count_receives(monkeypatch):
 
 @pytest.mark.parametrize("prebatch", [True, False])
 def test_batches_the_main_process_holds_are_never_filled_again(stft_like_db, monkeypatch, prebatch):
-    monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)  # every batch in a segment when one is free
     received = _count_receives(monkeypatch)
     ds = lmdbkit.LMDBDataset(stft_like_db, prebatch=prebatch)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, shuffle=True, persistent_workers=True,
@@ -165,7 +164,6 @@ def _wait_for(check, seconds=30.0):
 
 
 def test_the_main_process_maps_a_segment_once_and_forgets_it_when_the_worker_ends(stft_like_db, monkeypatch):
-    monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)
     sent = []
     receive = segments.receive
     monkeypatch.setattr(segments, "receive", lambda *a: sent.append(a) or receive(*a))
@@ -188,7 +186,6 @@ def test_a_segment_the_worker_closes_is_forgotten_and_without_pidfd_every_batch_
     monkeypatch.setattr(segments, "KEEP", 1)
     pool = segments.Pool()
     monkeypatch.setattr(segments, "_pool", pool)
-    monkeypatch.setattr(handoff, "BY_VALUE_MAX", 0)
     descriptors = []
     receive = segments.receive
     monkeypatch.setattr(segments, "receive", lambda *a: descriptors.append(a[1] is not None) or receive(*a))
