@@ -67,6 +67,7 @@ class Pool:
         self.segments: dict[int, Segment] = {}
         self.pid, self.token = os.getpid(), os.urandom(8)
         self.dropped: list[tuple] = []  # segments closed since the last send, for the main process to forget
+        self.lock = threading.Lock()  # (``send`` runs in the result queue's feeder thread)
 
     def bytes(self, nbytes: int) -> torch.Tensor | None:
         """A uint8 tensor of ``nbytes`` in a free segment; None when all KEEP segments are in use."""
@@ -95,13 +96,21 @@ class Pool:
         name = (self.pid, self.token, seg.address)
         fd_ref = None if int(seg.kept) else DupFd(seg.fd)
         seg.sent += 1
-        dropped, self.dropped = self.dropped, []
+        with self.lock:
+            dropped, self.dropped = self.dropped, []
         return name, fd_ref, seg.size, seg.sent, dropped
 
     def _drop(self, seg: Segment) -> None:
         del self.segments[seg.address]
-        self.dropped.append((self.pid, self.token, seg.address))
+        with self.lock:
+            self.dropped.append((self.pid, self.token, seg.address))
         seg.close()
+
+    def abandon(self) -> None:
+        """In a forked child: close its copies of the parent's segments' descriptors."""
+        for seg in self.segments.values():
+            os.close(seg.fd)
+        self.segments.clear()
 
 
 def _map(fd: int, size: int) -> torch.Tensor:
@@ -124,6 +133,8 @@ def pool() -> Pool | None:
     if not hasattr(os, "memfd_create"):
         return None
     if _pool is None or _pool.pid != os.getpid():
+        if _pool is not None:
+            _pool.abandon()
         _pool = Pool()
     return _pool
 

@@ -60,12 +60,18 @@ def test_a_worker_keeps_at_most_KEEP_segments_and_trades_a_small_free_one_for_a_
 def test_a_forked_child_has_its_own_pool():
     parent = segments.pool()
     parent.bytes(100)
+    (inherited,) = [s.fd for s in parent.segments.values()][-1:]
     pid = os.fork()
     if pid == 0:
         child = segments.pool()
-        os._exit(0 if child is not parent and not child.segments and parent.segment_of(torch.empty(0).untyped_storage())
-                 is None else 1)
+        try:
+            os.fstat(inherited)
+            closed = False
+        except OSError:
+            closed = True  # the child's copy of the parent's segment descriptor
+        os._exit(0 if child is not parent and not child.segments and closed else 1)
     assert os.waitpid(pid, 0)[1] == 0
+    os.fstat(inherited)  # the parent's own is open
 
 
 @pytest.fixture
