@@ -88,7 +88,7 @@ class Pool:
         return torch.from_numpy(data)
 
     def segment_of(self, storage: torch.UntypedStorage) -> Segment | None:
-        return self.segments.get(storage.data_ptr()) if os.getpid() == self.pid else None
+        return self.segments.get(storage.data_ptr())
 
     def send(self, seg: Segment) -> tuple:
         """Pickle args for ``receive``: the segment's name, its descriptor unless the main process keeps it
@@ -107,9 +107,9 @@ class Pool:
         seg.close()
 
     def abandon(self) -> None:
-        """In a forked child: close its copies of the parent's segments' descriptors."""
+        """In a forked child: close its copies of the parent's segments (descriptors and maps)."""
         for seg in self.segments.values():
-            os.close(seg.fd)
+            seg.close()
         self.segments.clear()
 
 
@@ -128,13 +128,11 @@ _pool: Pool | None = None
 
 
 def pool() -> Pool | None:
-    """This process's pool (made on first use; a forked child makes its own), None where memfd is missing."""
+    """This process's pool (made on first use), None where memfd is missing."""
     global _pool
     if not hasattr(os, "memfd_create"):
         return None
-    if _pool is None or _pool.pid != os.getpid():
-        if _pool is not None:
-            _pool.abandon()
+    if _pool is None:
         _pool = Pool()
     return _pool
 
@@ -231,12 +229,12 @@ class Mappings:
     def _stop(self) -> None:
         """At exit, before the interpreter finalizes: a daemon thread woken then (by a worker ending) would be
         stopped inside torch's code, and the process abort ("terminate called without an active exception")."""
-        if os.getpid() == self.pid and self.thread is not None:
+        if os.getpid() == self.pid and self.thread is not None:  # (a forked child inherits the atexit call)
             os.write(self.wake[1], b".")
             self.thread.join(5)
 
-    def close(self) -> None:
-        """In a forked child: let go of what it inherited (no thread runs here)."""
+    def abandon(self) -> None:
+        """In a forked child: let go of what it inherited (no thread runs there, and the lock may be held)."""
         for fd in (*self.wake, *self.pidfds.values()):
             os.close(fd)
         self.maps.clear()
@@ -247,8 +245,19 @@ _maps: Mappings | None = None
 
 def _mappings() -> Mappings:
     global _maps
-    if _maps is None or _maps.pid != os.getpid():
-        if _maps is not None:
-            _maps.close()
+    if _maps is None:
         _maps = Mappings()
     return _maps
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, say) keeps none of its parent's segments mapped: a worker forked
+    while the main process still mapped an earlier loader's segments would hold their memory for its life."""
+    global _pool, _maps
+    for inherited in (_pool, _maps):
+        if inherited is not None:
+            inherited.abandon()
+    _pool = _maps = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -57,21 +57,30 @@ def test_a_worker_keeps_at_most_KEEP_segments_and_trades_a_small_free_one_for_a_
     assert sorted(s.size for s in pool.segments.values())[-1] == 4 * segments.GRAIN
 
 
-def test_a_forked_child_has_its_own_pool():
+def test_a_forked_child_keeps_none_of_its_parents_segments(monkeypatch):
+    """Neither the worker side (a pool) nor the main side (the segments it keeps mapped): a DataLoader worker
+    forked while the main process maps an earlier loader's segments would hold their memory for its life."""
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
     parent = segments.pool()
-    parent.bytes(100)
+    batch = Batch(x=parent.bytes(4096))
+    received = pickle.loads(ForkingPickler.dumps(batch))  # this process maps it twice: as worker and as main
+    assert received["x"].numel() == 4096
+    del batch, received  # (a batch alive at the fork keeps its memory in the child, as any tensor does)
     (inherited,) = [s.fd for s in parent.segments.values()][-1:]
     pid = os.fork()
     if pid == 0:
-        child = segments.pool()
         try:
             os.fstat(inherited)
             closed = False
         except OSError:
-            closed = True  # the child's copy of the parent's segment descriptor
-        os._exit(0 if child is not parent and not child.segments and closed else 1)
+            closed = True
+        with open("/proc/self/maps") as f:
+            mapped = sum("lmdbkit-batch" in line for line in f)
+        os._exit(0 if segments.pool() is not parent and closed and segments._maps is None and mapped == 0 else 1)
     assert os.waitpid(pid, 0)[1] == 0
-    os.fstat(inherited)  # the parent's own is open
+    os.fstat(inherited)  # the parent's own are open and mapped
+    with open("/proc/self/maps") as f:
+        assert sum("lmdbkit-batch" in line for line in f) >= 2
 
 
 @pytest.fixture
