@@ -58,13 +58,12 @@ class Block:
     def rows(self) -> list["Row"]:
         """The items as dicts in their stored field order, array fields as views of the block's rows."""
         views = self._views = {k: t.unbind(0) for k, t in self.arrays.items()}
-        out = []
-        for b, meta in enumerate(self.metas):
-            row = Row(meta)  # every field in its place, the arrays None until set here
-            for k, rows in views.items():
-                row[k] = rows[b]
+        out = list(map(Row, self.metas))  # every field in its place, the arrays None until set here
+        for k, rows in views.items():  # (a field at a time: 0.73-0.78 -> 0.64-0.67 µs a row of 1 KiB)
+            for row, view in zip(out, rows):
+                row[k] = view
+        for b, row in enumerate(out):
             row.block, row.pos = self, b
-            out.append(row)
         return out
 
     def batch(self, collate_rest, into: type | None = None) -> dict:

@@ -287,7 +287,7 @@ class Reader:
         """The stored bytes of several items, their disk reads in flight together (see ``prefetch``)."""
         if self.legacy:
             return [txn.get(str(i).encode()) for i in indices]
-        keys = list(map(store.pack_index, indices))
+        keys = store.pack_indices(indices)
         if not self._packed:
             return self._fetch.get_many(txn, self._items, keys)
         return self._in_runs(self._fetch.get_many(txn, self._items, keys, ranged=True), indices)

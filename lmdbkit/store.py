@@ -51,6 +51,11 @@ def pack_index(i: int) -> bytes:
     return _INDEX.pack(i)
 
 
+def pack_indices(indices: list[int]) -> list[bytes]:
+    """``pack_index`` of each (one C-level loop: a batch's keys)."""
+    return list(map(_INDEX.pack, indices))
+
+
 def unpack_index(b) -> int:
     try:
         return _INDEX.unpack(b)[0]
