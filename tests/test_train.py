@@ -41,6 +41,33 @@ def test_fix_frames_and_normalize():
         FixFrames(4, crop="middle")
 
 
+@pytest.mark.parametrize("stored,kind", [("complex", torch.complex64), ("complex", "pairs"), ("db", torch.float16),
+                                         ("power", torch.float32)])
+@pytest.mark.parametrize("crop", ["random", "center"])
+def test_spectrogram_transform_crops_before_converting_with_the_same_result(stored, kind, crop):
+    """A longer item is cropped before its conversion (per element: the same values), a shorter one padded
+    after it: exactly what converting, then cropping or padding, then normalising gives."""
+    for frames_stored, frames in ((40, 16), (9, 16), (16, 16), (40, 1)):  # (1: shorter than complex32's pairs)
+        g = torch.Generator().manual_seed(frames_stored)
+        if kind == "pairs":  # complex32 read as float16 pairs: the last axis is (real, imaginary)
+            x = torch.randn(5, frames_stored, 2, generator=g).half()
+        elif kind == torch.complex64:
+            x = torch.complex(torch.randn(5, frames_stored, generator=g), torch.randn(5, frames_stored, generator=g))
+        else:
+            x = (torch.rand(5, frames_stored, generator=g) * 40).to(kind)
+        sample = {"stft": x, "label": 3}
+        old = [ToSpectrogram("db", stored=stored), FixFrames(frames, crop=crop), Normalize()]
+        torch.manual_seed(7)
+        want = sample
+        for t in old:
+            want = t(want)
+        torch.manual_seed(7)
+        got = SpectrogramTransform(frames=frames, stored=stored, crop=crop)(sample)
+        assert torch.equal(got["stft"], want["stft"]) and got["length"] == want["length"] == min(frames_stored, frames)
+        assert got["stft"].shape == (1, 5, frames) and got["label"] == 3
+        assert torch.equal(sample["stft"], x)  # the input is not changed in place
+
+
 def test_transform_base_class_and_device():
     class AddOne(LMDBDataTransform):
         def transform(self, sample):
