@@ -1,21 +1,21 @@
-"""How a batch made in a DataLoader worker reaches the main process: a small one by value, through the pipe; a
-big one in shared memory the worker reuses (``segments``).
+"""How a batch made in a DataLoader worker reaches the main process: in shared memory the worker reuses
+(``segments``), or by value through the pipe when no segment is free and the batch is small.
 
 A DataLoader worker pickles each batch into its result queue (multiprocessing's ForkingPickler, for which
-``batch`` registers ``reducer``), and torch pickles a tensor as a piece of shared memory: a file that the
-worker creates and maps and whose descriptor the main process fetches over a socket from the worker, then
-maps again: a cost a batch whatever its size, most of a small batch's (below). A batch of 64 items of 1 KiB is
-64 KiB, which the pipe carries in far less. So a batch whose tensors are views of one private block of at most
-``BY_VALUE_MAX`` bytes (``batch.decode_block`` makes it private in a worker when it is that small) pickles as
-those bytes and how each tensor lies in them; unpickled, its tensors are views of one writable buffer.
-Measured with 2 workers, batches of 64, on this project's 2-core machine, by value against shared memory
-(``create_data_loader``, alternating runs of each): 1 KiB items 100-130k against 39-57k items/s, 4 KiB items
-(batches of 256 KiB) 61-75k against 40-49k, 8 KiB items (512 KiB) 37-50k against 40k; a prototype that sent
-every batch by value gave 19k against 26k for 16 KiB items (1 MiB), hence the bound. Against reused segments
-(two alternating runs each): 1 KiB 120-128k by value against 64-80k, 4 KiB 79-87k against 64-67k, 8 KiB 55-63k
-against 57-63k. A bigger batch goes in a segment when its worker has one free; anything else (tensors of
-several storages, a segment still out) pickles as torch does. Pickled anywhere else (``pickle``, ``copy``,
-``torch.save``), a batch is a plain dict of its fields.
+``batch`` registers ``reducer``). torch pickles a tensor as a piece of shared memory: a file that the worker
+creates and maps and whose descriptor the main process fetches over a socket from the worker, then maps again,
+a cost a batch whatever its size. A batch whose tensors lie in one of the worker's segments pickles as the
+segment's name and where each tensor lies in it (its descriptor too, the first time). When none is free (the
+main process holds that many batches), a batch of at most ``BY_VALUE_MAX`` bytes is made in private memory and
+pickles as its bytes; unpickled, its tensors are views of one writable buffer. Anything else (tensors of
+several storages, a segment whose batch is still out) pickles as torch does. Pickled anywhere else
+(``pickle``, ``copy``, ``torch.save``), a batch is a plain dict of its fields.
+
+Measured with 2 workers, batches of 64, on this project's 2-core machine (``create_data_loader``, alternating
+runs of each): by value against torch's shared memory, 1 KiB items 100-130k against 39-57k items/s, 4 KiB
+items (batches of 256 KiB) 61-75k against 40-49k, 8 KiB items 37-50k against 40k, and a prototype sending
+every batch by value 19k against 26k for 16 KiB items (hence the bound); segments against by value, 1 KiB
+148-168k against 121-140k, 4 KiB 128-154k against 73-79k.
 """
 
 from __future__ import annotations
