@@ -228,6 +228,36 @@ def _shared_file(arrays: dict) -> tuple[int, dict[str, int]] | None:
     return fd, {k: t.storage_offset() * t.element_size() for k, t in arrays.items()}
 
 
+def stack(items: list, *, shared: bool) -> Block | None:
+    """A Block of dicts of one set of keys (a transform's outputs), each tensor field stacked into its rows of
+    one storage (a reused segment in a DataLoader worker: ``shared``), as default_collate would stack it; a
+    tensor field whose items differ in shape, dtype or device, and every other field, are left to the Block's
+    collate. None when the items are not such dicts or have no tensor field to stack."""
+    first = items[0]
+    if not all(type(d) is dict and d.keys() == first.keys() for d in items):
+        return None
+    n, shapes, numbers = len(items), {}, {}
+    for k, v in first.items():
+        if type(v) is torch.Tensor:
+            if v.device.type == "cpu" and all(type(d[k]) is torch.Tensor and d[k].shape == v.shape and d[k].dtype ==
+                                              v.dtype and d[k].device == v.device and not d[k].requires_grad
+                                              for d in items):
+                shapes[k] = (v.dtype, (n, *v.shape))
+        elif type(v) in (int, float):
+            numbers[k] = (torch.int64 if type(v) is int else torch.float64, (n,))
+    if not shapes:
+        return None
+    try:
+        arrays, scalars = _views(shapes, numbers, shared=shared)
+    except OSError as exc:
+        raise _no_room(n, exc) from exc
+    for k, out in arrays.items():
+        torch.stack([d[k] for d in items], out=out)
+    metas = [{k: d[k] for k in first if k not in arrays} for d in items]
+    block = Block(arrays, scalars, metas, list(first))
+    return block
+
+
 def block_of(batch) -> Block | None:
     """The Block whose untouched rows ``batch`` is, else None."""
     block = getattr(batch[0], "block", None) if type(batch) is list and batch and type(batch[0]) is Row else None

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from . import codec, store
-from .batch import Batch, Block, block_of, decode_block
+from .batch import Batch, Block, Collated, block_of, decode_block, stack
 from .errors import DamagedDatabaseError, LmdbkitError
 from .reader import MultiReader, Reader
 from .stft import as_complex64, is_pairs
@@ -394,6 +394,10 @@ def collate(batch: list[dict] | Batch) -> dict:
     block = block_of(batch)
     if block is not None:  # a block's untouched rows: its own tensors, not a second copy
         return block.batch(_collate_metas)
+    if torch.utils.data.get_worker_info() is not None and batch:  # a transform's outputs, in a DataLoader worker
+        block = stack(batch, shared=True)  # (stacked into a segment the worker reuses, not fresh shared memory)
+        if block is not None:
+            return block.batch(_collate_metas, Collated)
     return _collate_rest(batch, set())
 
 

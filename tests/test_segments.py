@@ -12,7 +12,7 @@ import torch
 
 import lmdbkit
 from lmdbkit import handoff, segments
-from lmdbkit.batch import Batch
+from lmdbkit.batch import Batch, Collated
 from lmdbkit.dataset import collate
 
 
@@ -224,3 +224,48 @@ def test_a_segment_the_worker_closes_is_forgotten_and_without_pidfd_every_batch_
         round_trip(5 * segments.GRAIN)
         assert not segments._mappings().maps and not any(int(s.kept) for s in pool.segments.values())
     assert descriptors[-2:] == [True, True]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) in (dict, Collated) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return type(b) is list and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_a_transforms_outputs_are_collated_into_a_segment_as_default_collate_would(monkeypatch):
+    """create_data_loader's collate in a worker stacks a transform's outputs into one segment; what comes out
+    equals lmdbkit's collate outside a worker, field for field, dtype for dtype."""
+    g = torch.Generator().manual_seed(0)
+    items = [{"x": torch.randn(3, 4, generator=g), "c": torch.randn(2, generator=g).to(torch.complex64),
+              "bf": torch.randn(2, generator=g).to(torch.bfloat16), "label": i, "score": i / 3, "flag": i % 2 == 0,
+              "name": f"n{i}", "extra": None, "arr": torch.arange(2).numpy() + i, "nested": {"a": i}}
+             for i in range(5)]
+    want = collate(items)  # outside a worker: default_collate's way
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    got = collate(items)
+    assert type(got) is Collated and _same(want, got)
+    assert segments.pool().segment_of(got["x"].untyped_storage()) is not None  # one storage, in a segment
+    assert got["c"].untyped_storage().data_ptr() == got["x"].untyped_storage().data_ptr()
+    ragged = [dict(d, x=torch.zeros(i + 1)) for i, d in enumerate(items)]  # left to default_collate, which refuses
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        collate(ragged)
+    from lmdbkit.batch import stack
+    assert stack([(1, 2), (3, 4)], shared=True) is None and stack([{"a": 1}, {"b": 1}], shared=True) is None
+    assert stack([{"a": "x"}, {"a": "y"}], shared=True) is None  # nothing to stack: collated as before
+
+
+def test_create_data_loader_hands_a_transforms_batches_over_in_segments(stft_like_db, monkeypatch):
+    received = _count_receives(monkeypatch)
+    tf = lambda s: dict(s, x=s["x"][:, :16] * 2, half=float(s["label"]) / 2)  # noqa: E731
+    loader = lmdbkit.create_data_loader(stft_like_db, transform=tf, batch_size=16, num_workers=2, shuffle=True)
+    seen = []
+    for b in loader:
+        assert type(b) is dict and b["x"].shape == (16, 64, 16) and b["half"].dtype == torch.float64
+        assert torch.equal(b["x"], 2 * b["label"].float()[:, None, None].expand(-1, 64, 16))
+        assert torch.equal(b["half"], b["label"].double() / 2)
+        seen += b["label"].tolist()
+    assert sorted(seen) == list(range(192)) and len(received) == 12
