@@ -234,7 +234,7 @@ def stack(items: list, *, shared: bool) -> Block | None:
     tensor field whose items differ in shape, dtype or device, and every other field, are left to the Block's
     collate. None when the items are not such dicts or have no tensor field to stack."""
     first = items[0]
-    if not all(type(d) is dict and d.keys() == first.keys() for d in items):
+    if not all(type(d) in (dict, Sample) and d.keys() == first.keys() for d in items):
         return None
     n, shapes, numbers = len(items), {}, {}
     for k, v in first.items():
@@ -276,4 +276,32 @@ def _collate_rows(batch: list, *, collate_fn_map=None):
     return rest(batch)
 
 
+class Sample(dict):
+    """A transform's output (a plain dict) on its way to collate in a DataLoader worker (``samples``): a plain
+    dict to whoever uses it, and pickled as one."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+def samples(items: list) -> list:
+    """A worker's transformed items, the plain dicts among them as ``Sample``s, so that default_collate stacks a
+    batch of them into one segment the worker reuses (``_collate_samples``); elsewhere the items as they are."""
+    if torch.utils.data.get_worker_info() is None:
+        return items
+    return [Sample(d) if type(d) is dict else d for d in items]
+
+
+def _collate_samples(batch: list, *, collate_fn_map=None):
+    """default_collate for Samples: their tensor fields stacked into one segment (``stack``), the other fields
+    (and tensors that do not stack) as default_collate collates them."""
+    def rest(items: list[dict]) -> dict:
+        return {k: _collate([d[k] for d in items], collate_fn_map=collate_fn_map) for k in items[0]}
+    block = stack(batch, shared=torch.utils.data.get_worker_info() is not None)
+    return rest(batch) if block is None else block.batch(rest, Collated)
+
+
 default_collate_fn_map[Row] = _collate_rows
+default_collate_fn_map[Sample] = _collate_samples

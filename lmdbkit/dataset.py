@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from . import codec, store
-from .batch import Batch, Block, Collated, block_of, decode_block, stack
+from .batch import Batch, Block, Collated, block_of, decode_block, samples, stack
 from .errors import DamagedDatabaseError, LmdbkitError
 from .reader import MultiReader, Reader
 from .stft import as_complex64, is_pairs
@@ -76,7 +76,9 @@ class LMDBDataset(Dataset):
         DataLoader worker when there is no transform). The items come back as dicts whose arrays are views of
         those rows, and ``default_collate`` (or lmdbkit's ``collate``) hands back the block's tensors instead
         of stacking a second copy (see ``lmdbkit.batch``). With ``prebatch=True`` it returns that collated
-        ``Batch`` itself. Batches whose items differ in shape are read item by item.
+        ``Batch`` itself. Batches whose items differ in shape are read item by item. In a DataLoader worker, a
+        transform's dict outputs come back as ``Sample``s (plain dicts to whoever uses them), which
+        ``default_collate`` (and lmdbkit's ``collate``) stack into one segment the worker reuses.
         """
         if self._blocks:
             try:
@@ -88,8 +90,9 @@ class LMDBDataset(Dataset):
                 if self.prebatch:
                     return block.batch(_collate_metas)
                 rows = block.rows()
-                return rows if self.transform is None else [self.transform(s) for s in rows]
-        return [self._out(s) for s in self.source.read_many(indices)]
+                return rows if self.transform is None else samples([self.transform(s) for s in rows])
+        out = [self._out(s) for s in self.source.read_many(indices)]
+        return out if self.transform is None else samples(out)
 
     def _block(self, indices: list[int]) -> Block | None:
         indices = list(indices)

@@ -269,3 +269,21 @@ def test_create_data_loader_hands_a_transforms_batches_over_in_segments(stft_lik
         assert torch.equal(b["half"], b["label"].double() / 2)
         seen += b["label"].tolist()
     assert sorted(seen) == list(range(192)) and len(received) == 12
+
+
+def test_the_plain_dataloader_hands_a_transforms_batches_over_in_segments(stft_like_db, monkeypatch):
+    """Inside a worker, LMDBDataset hands a transform's dicts to collate as Samples (dicts registered in
+    default_collate_fn_map): default_collate stacks them into a segment; any other collate sees dicts."""
+    received = _count_receives(monkeypatch)
+    tf = lambda s: dict(s, x=s["x"][:, :16] * 2, half=float(s["label"]) / 2)  # noqa: E731
+    ds = lmdbkit.LMDBDataset(stft_like_db, transform=tf)
+    seen = []
+    for b in torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, shuffle=True):
+        assert type(b) is dict and b["x"].shape == (16, 64, 16) and b["half"].dtype == torch.float64
+        assert torch.equal(b["x"], 2 * b["label"].float()[:, None, None].expand(-1, 64, 16))
+        seen += b["label"].tolist()
+    assert sorted(seen) == list(range(192)) and len(received) == 12
+    lists = list(torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, collate_fn=lambda items: items))
+    assert all(type(s) is dict and torch.equal(s["x"], 2 * torch.full((64, 16), float(s["label"])))
+               for batch in lists for s in batch)
+    assert type(ds[3]) is dict and type(ds.__getitems__([1, 2])[0]) is dict  # outside a worker: as they are
