@@ -13,6 +13,7 @@ transform replaced or that come from different blocks are collated exactly as ``
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import operator
 from multiprocessing.reduction import ForkingPickler
@@ -264,11 +265,15 @@ def block_of(batch) -> Block | None:
     return block if block is not None and block.owns(batch) else None
 
 
+def _each_field(items: list[dict], *, collate_fn_map=None) -> dict:
+    """What default_collate makes of a list of dicts: each field collated on its own."""
+    return {k: _collate([d[k] for d in items], collate_fn_map=collate_fn_map) for k in items[0]}
+
+
 def _collate_rows(batch: list, *, collate_fn_map=None):
     """default_collate for Row dicts: the block's own tensors when the batch is one block's untouched rows;
     otherwise what default_collate makes of any list of dicts."""
-    def rest(items: list[dict]) -> dict:
-        return {k: _collate([d[k] for d in items], collate_fn_map=collate_fn_map) for k in items[0]}
+    rest = functools.partial(_each_field, collate_fn_map=collate_fn_map)
     block = block_of(batch)
     if block is not None:
         in_worker = torch.utils.data.get_worker_info() is not None
@@ -297,8 +302,7 @@ def samples(items: list) -> list:
 def _collate_samples(batch: list, *, collate_fn_map=None):
     """default_collate for Samples: their tensor fields stacked into one segment (``stack``), the other fields
     (and tensors that do not stack) as default_collate collates them."""
-    def rest(items: list[dict]) -> dict:
-        return {k: _collate([d[k] for d in items], collate_fn_map=collate_fn_map) for k in items[0]}
+    rest = functools.partial(_each_field, collate_fn_map=collate_fn_map)
     block = stack(batch, shared=torch.utils.data.get_worker_info() is not None)
     return rest(batch) if block is None else block.batch(rest, Collated)
 
