@@ -18,6 +18,7 @@ it and the worker holds none itself. With 2 workers and batches of 64 STFT items
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import select
 import threading
@@ -68,9 +69,13 @@ class Pool:
         self.pid, self.token = os.getpid(), os.urandom(8)
         self.dropped: list[tuple] = []  # segments closed since the last send, for the main process to forget
         self.lock = threading.Lock()  # (``send`` runs in the result queue's feeder thread)
+        self.broken = False
 
     def bytes(self, nbytes: int) -> torch.Tensor | None:
-        """A uint8 tensor of ``nbytes`` in a free segment; None when all KEEP segments are in use."""
+        """A uint8 tensor of ``nbytes`` in a free segment; None when all KEEP segments are in use, or where
+        this process cannot make segments."""
+        if self.broken:
+            return None
         free = [s for s in self.segments.values() if s.free()]
         fits = [s for s in free if s.size >= HEADER + nbytes]
         if fits:
@@ -80,7 +85,16 @@ class Pool:
                 if not free:
                     return None
                 self._drop(max(free, key=lambda s: s.size))  # too small for this batch: make room
-            seg = Segment(-(-(HEADER + nbytes) // GRAIN) * GRAIN)
+            try:
+                seg = Segment(-(-(HEADER + nbytes) // GRAIN) * GRAIN)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                    raise  # no room: the caller's LmdbkitError names the remedy
+                self.broken = True  # memfd refused (a seccomp profile, say), no /proc: torch's shared memory
+                return None
+            except RuntimeError:  # torch could not map /proc/self/fd/N
+                self.broken = True
+                return None
             self.segments[seg.address] = seg
         seg.held = True
         data = seg.mapped[HEADER:HEADER + nbytes].numpy()

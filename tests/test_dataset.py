@@ -10,7 +10,7 @@ import lmdbkit
 from lmdbkit import store
 from lmdbkit.errors import DatabaseNotFoundError
 
-from conftest import make_samples
+from conftest import HAVE_MEMFD, make_samples
 
 
 def _write(path, start, n):
@@ -202,7 +202,7 @@ def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
         "from torch.utils.data import DataLoader\n"
         "torch.multiprocessing.set_sharing_strategy('file_system')\n"
         "import lmdbkit.handoff; lmdbkit.handoff.BY_VALUE_MAX = 0\n"  # none by value (the forked workers see it)
-        "for keep in (0, 8):\n"
+        f"for keep in (0, {8 if HAVE_MEMFD else 0}):\n"
         "    lmdbkit.segments.KEEP = keep\n"
         "    for path, size in ((sys.argv[1], 256), (sys.argv[2], 40_000)):\n"  # copied in place; written with pwrite
         "        with lmdbkit.Writer(path, mode='overwrite') as w:\n"
@@ -223,7 +223,8 @@ def test_workers_fill_batches_under_the_file_system_sharing_strategy(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("handoff", ["by value", "segment", "shared memory"])
+@pytest.mark.parametrize("handoff", ["by value", pytest.param("segment", marks=pytest.mark.skipif(
+    not HAVE_MEMFD, reason="no memfd_create here")), "shared memory"])
 def test_workers_hand_batches_over_by_value_in_segments_or_in_shared_memory(fixed_db, tmp_path, monkeypatch,
                                                                             handoff):
     from lmdbkit import handoff as handoffs, segments
@@ -261,7 +262,8 @@ def test_workers_hand_batches_over_by_value_in_segments_or_in_shared_memory(fixe
         assert len(received) == (5 if handoff == "segment" else 0)
 
 
-@pytest.mark.parametrize("handoff", ["by value", "segment"])
+@pytest.mark.parametrize("handoff", ["by value", pytest.param("segment", marks=pytest.mark.skipif(
+    not HAVE_MEMFD, reason="no memfd_create here"))])
 def test_a_batch_pickles_by_value_or_in_a_segment_with_every_dtype_and_shape(monkeypatch, handoff):
     """How a DataLoader worker's result queue (multiprocessing's ForkingPickler) pickles a batch; pickle and
     copy see a plain dict, as they do outside a worker."""

@@ -15,6 +15,12 @@ from lmdbkit import handoff, segments
 from lmdbkit.batch import Batch, Collated
 from lmdbkit.dataset import collate
 
+from conftest import HAVE_MEMFD, HAVE_PIDFD
+
+
+pytestmark = pytest.mark.skipif(not HAVE_MEMFD, reason="no memfd_create here: workers hand batches over as before")
+needs_pidfd = pytest.mark.skipif(not HAVE_PIDFD, reason="no pidfd_open here: every batch brings its descriptor")
+
 
 class _Dup:  # a received descriptor, as DupFd.detach gives it
     def __init__(self, fd):
@@ -178,6 +184,7 @@ def _wait_for(check, seconds=30.0):
     return check()
 
 
+@needs_pidfd
 def test_the_main_process_maps_a_segment_once_and_forgets_it_when_the_worker_ends(stft_like_db, monkeypatch):
     sent = []
     receive = segments.receive
@@ -196,6 +203,7 @@ def test_the_main_process_maps_a_segment_once_and_forgets_it_when_the_worker_end
         assert torch.equal(b["x"], b["label"].float()[:, None, None].expand(-1, 64, 64))
 
 
+@needs_pidfd
 def test_a_segment_the_worker_closes_is_forgotten_and_without_pidfd_every_batch_brings_its_descriptor(monkeypatch):
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as if in a DataLoader worker
     monkeypatch.setattr(segments, "KEEP", 1)
@@ -287,3 +295,16 @@ def test_the_plain_dataloader_hands_a_transforms_batches_over_in_segments(stft_l
     assert all(type(s) is dict and torch.equal(s["x"], 2 * torch.full((64, 16), float(s["label"])))
                for batch in lists for s in batch)
     assert type(ds[3]) is dict and type(ds.__getitems__([1, 2])[0]) is dict  # outside a worker: as they are
+
+
+def test_workers_fall_back_to_torchs_shared_memory_where_memfd_is_refused(stft_like_db, monkeypatch):
+    """A container's seccomp profile may refuse memfd_create (EPERM): the batches go as before, not an error."""
+    def refused(*_a):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "memfd_create", refused)  # (the forked workers see it too)
+    received = _count_receives(monkeypatch)
+    seen = []
+    for b in lmdbkit.create_data_loader(stft_like_db, batch_size=64, num_workers=2, shuffle=True):
+        assert b["x"].is_shared() and torch.equal(b["x"], b["label"].float()[:, None, None].expand(-1, 64, 64))
+        seen += b["label"].tolist()
+    assert sorted(seen) == list(range(192)) and not received
