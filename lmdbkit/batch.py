@@ -136,10 +136,7 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
     numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.first.items()
                if k not in shapes and type(v) in (int, float)}
     groups = shapes, {k: (dt, (n,)) for k, dt in numbers.items()}
-    try:
-        arrays, scalars = _views(*groups, shared=shared)
-    except OSError as exc:
-        raise _no_room(n, exc) from exc
+    arrays, scalars = _views(*groups, shared=shared)
     file = _shared_file(arrays)  # (before the numpy views: see _shared_file)
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
     try:
@@ -189,9 +186,12 @@ def _views(*groups: dict, shared: bool) -> list[dict]:
     offsets, total = _size(*groups)
     total = max(total, ALIGN)
     pool = segments.pool() if shared else None
-    storage = pool.bytes(total) if pool is not None else None
-    if storage is None:
-        storage = batch_tensor(torch.uint8, (total,), shared=shared and total > handoff.BY_VALUE_MAX)
+    try:
+        storage = pool.bytes(total) if pool is not None else None
+        if storage is None:
+            storage = batch_tensor(torch.uint8, (total,), shared=shared and total > handoff.BY_VALUE_MAX)
+    except OSError as exc:  # (each group's tensors are [items, ...])
+        raise _no_room(next((shape[0] for g in groups for _dt, shape in g.values()), 0), exc) from exc
     out, k = [], 0
     for group in groups:
         views = {}
@@ -248,15 +248,11 @@ def stack(items: list, *, shared: bool) -> Block | None:
             numbers[k] = (torch.int64 if type(v) is int else torch.float64, (n,))
     if not shapes:
         return None
-    try:
-        arrays, scalars = _views(shapes, numbers, shared=shared)
-    except OSError as exc:
-        raise _no_room(n, exc) from exc
+    arrays, scalars = _views(shapes, numbers, shared=shared)
     for k, out in arrays.items():
         torch.stack([d[k] for d in items], out=out)
     metas = [{k: d[k] for k in first if k not in arrays} for d in items]
-    block = Block(arrays, scalars, metas, list(first))
-    return block
+    return Block(arrays, scalars, metas, list(first))
 
 
 def block_of(batch) -> Block | None:
