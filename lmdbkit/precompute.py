@@ -1,8 +1,8 @@
 """Precompute: a folder of audio becomes ``train``/``val``/``test`` LMDB databases of STFT items.
 
 Decoding (soundfile), mixing and resampling (soxr) run in DataLoader worker processes, one file per
-worker task; the main process computes the STFT of whole batches on the device (CPU or CUDA) and the
-Writer commits file by file. A commit never splits a file, so a run killed at any moment and started
+worker task. On the CPU the workers compute the features too, and the main process only writes; on CUDA the
+main process computes the STFT of whole batches on the GPU (``pipeline``). The Writer commits file by file. A commit never splits a file, so a run killed at any moment and started
 again with the same parameters skips the files already written and finishes with every file present
 exactly once. Bad files are skipped and reported with their reasons (``strict=True`` stops at the
 first). ``shard_index``/``num_shards`` (from torchrun's RANK/WORLD_SIZE when set) split the file list by
@@ -22,16 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from . import audio, demo, store
+from . import audio, demo, pipeline, store
 from .errors import AudioDecodeError, ConfigMismatchError, LmdbkitError, ValueRangeError
 from .mel import MEL_NORMS, MEL_SCALES
 from .progress import tqdm
 from .reader import Reader
-from .stft import OUTPUTS, StftConfig, compute, resolve_device
+from .stft import OUTPUTS, StftConfig, resolve_device
 from .writer import MODES, Writer
 
 DEFAULT_DEMO_DIR = "runs/demo/corpus"
@@ -64,34 +63,6 @@ class AudioConfig:
                 raise LmdbkitError(f"{name}={v!r}: give a positive number of seconds, or None")
         if self.segment_hop_seconds is not None and self.segment_seconds is None:
             raise LmdbkitError("segment_hop_seconds is set but segment_seconds is None; set both, or neither")
-
-
-class _Files(Dataset):
-    """Decoded, mixed, resampled and segmented files; a bad file comes back as its reason, never raises."""
-
-    def __init__(self, root: Path, sources: list[audio.Source], cfg: AudioConfig):
-        self.root, self.sources, self.cfg = root, sources, cfg
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.sources[i]
-        c = self.cfg
-        try:
-            segs, spans, sr, dur = audio.load_segments(self.root / s.path, sample_rate=c.sample_rate, mono=c.mono,
-                                                       segment_seconds=c.segment_seconds,
-                                                       hop_seconds=c.segment_hop_seconds, pad_last=c.pad_last,
-                                                       keep_short=c.short_files == "pad")
-        except AudioDecodeError as exc:
-            return {"source": s, "error": str(exc), "short": isinstance(exc, audio.TooShortError)}
-        except Exception as exc:  # anything else a broken file provokes in a decoder
-            return {"source": s, "error": f"{self.root / s.path}: {type(exc).__name__}: {exc}"}
-        return {"source": s, "segments": segs, "spans": spans, "orig_sample_rate": sr, "duration_s": dur}
-
-
-def _collate(batch: list) -> list:
-    return batch
 
 
 def _shard_from_env(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -258,12 +229,14 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
 def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, num_workers, batch_size,
          strict, progress, done=None) -> dict:
     stats = {"files": 0, "items": 0, "audio_seconds": 0.0, "skipped": [], "stft_seconds": 0.0,
-             "write_seconds": 0.0, "wait_seconds": 0.0, "short_padded": 0, "short_dropped": 0}
+             "worker_stft_seconds": 0.0, "write_seconds": 0.0, "wait_seconds": 0.0, "short_padded": 0, "short_dropped": 0}
     if not pending:
         return stats
     done = done or {}
-    loader = DataLoader(_Files(root, pending, audio_cfg), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, persistent_workers=False, worker_init_fn=die_with_parent,
+    # on the CPU the workers compute the features too (pipeline.Features), so the main process only writes
+    collate = pipeline.Features(stft_cfg if dev.type == "cpu" else None)
+    loader = DataLoader(pipeline.Files(root, pending, audio_cfg), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate, persistent_workers=False, worker_init_fn=die_with_parent,
                         prefetch_factor=4 if num_workers else None)
     bar = tqdm(total=len(pending), unit="file", desc="precompute", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -274,6 +247,8 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
     try:
         for batch in loader:
             stats["wait_seconds"] += time.perf_counter() - t_wait
+            batch, worker_seconds = pipeline.received(batch)
+            stats["worker_stft_seconds"] += worker_seconds
             good = []
             for rec in batch:
                 if "error" in rec:
@@ -286,9 +261,9 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
                 else:
                     good.append(rec)
             ts = time.perf_counter()
-            # STFTs are computed a chunk of segments at a time, as the writer takes them (a long file never
-            # holds all its spectrograms in memory), and batched across the short files of this batch
-            specs = _lazy_stft([seg for rec in good for seg in rec["segments"]], stft_cfg, dev, batch_size)
+            # the features a worker did not compute are computed a chunk of segments at a time, as the writer
+            # takes them (a long file never holds all its spectrograms in memory), batched across the short files
+            specs = pipeline.lazy_features(good, stft_cfg, dev, batch_size)
             try:
                 _write_batch(good, specs, writers, split_of, labels, audio_cfg, done, stats)
             except ValueRangeError as exc:
@@ -308,12 +283,12 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
     return stats
 
 
-def _write_batch(good: list[dict], specs: "_lazy_stft", writers: dict, split_of: dict, labels: dict,
+def _write_batch(good: list[dict], specs: pipeline.lazy_features, writers: dict, split_of: dict, labels: dict,
                  audio_cfg: AudioConfig, done: dict, stats: dict) -> None:
     """Append each decoded file of a batch to its split's writer, its items' features drawn from ``specs``."""
     for rec in good:
         s: audio.Source = rec["source"]
-        n = len(rec["segments"])
+        n = len(rec["spans"])
         w = writers[split_of[s.path]]
         w.append_source(s.path, _file_samples(rec, specs, labels, audio_cfg, skip=done.get(s.path, 0)),
                         info={"duration_s": rec["duration_s"], "orig_sample_rate": rec["orig_sample_rate"]})
@@ -325,7 +300,7 @@ def _write_batch(good: list[dict], specs: "_lazy_stft", writers: dict, split_of:
         rec["segments"] = None  # the decoded audio of a finished file can go
 
 
-def _file_samples(rec: dict, specs: "_lazy_stft", labels: dict, audio_cfg: AudioConfig, *, skip: int = 0):
+def _file_samples(rec: dict, specs: pipeline.lazy_features, labels: dict, audio_cfg: AudioConfig, *, skip: int = 0):
     """(key, item) of each segment of one decoded file, in order; the first ``skip`` were written by an earlier,
     interrupted run (their STFTs are still drawn from ``specs``, which yields every segment in order)."""
     s: audio.Source = rec["source"]
@@ -338,50 +313,6 @@ def _file_samples(rec: dict, specs: "_lazy_stft", labels: dict, audio_cfg: Audio
             "stft": spec, "label": labels[s.label_name], "label_name": s.label_name, "path": s.path, "segment": j,
             "offset_s": start / sr, "duration_s": valid / sr, "sample_rate": sr,
             "orig_sample_rate": rec["orig_sample_rate"]}
-
-
-class _lazy_stft:
-    """The STFTs of ``segs`` in order, computed ``chunk`` segments at a time (batched by shape within a chunk),
-    so at most one chunk of spectrograms exists before the writer has encoded them. Counts its own seconds."""
-
-    def __init__(self, segs: list[np.ndarray], cfg: StftConfig, dev: torch.device, chunk: int):
-        self.segs, self.cfg, self.dev, self.chunk = segs, cfg, dev, max(1, chunk)
-        self.pos, self.ready, self.seconds = 0, [], 0.0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if not self.ready:
-            if self.pos >= len(self.segs):
-                raise StopIteration
-            t = time.perf_counter()
-            part = self.segs[self.pos:self.pos + self.chunk]
-            self.ready = _batched_stft(part, self.cfg, self.dev)[::-1]
-            self.segs[self.pos:self.pos + len(part)] = [None] * len(part)
-            self.pos += len(part)
-            self.seconds += time.perf_counter() - t
-        return self.ready.pop()
-
-
-def _batched_stft(segs: list[np.ndarray], cfg: StftConfig, dev: torch.device) -> list[torch.Tensor]:
-    """STFT of every segment, batched by length (so each item equals its own STFT); CPU tensors out."""
-    out: list[torch.Tensor | None] = [None] * len(segs)
-    by_len: dict[tuple, list[int]] = {}
-    for i, s in enumerate(segs):
-        by_len.setdefault(s.shape, []).append(i)
-    for shape, idx in by_len.items():
-        x = torch.from_numpy(np.stack([segs[i] for i in idx]))
-        if dev.type == "cuda":
-            x = x.pin_memory()
-        # made contiguous once for the batch (on the device): each item is then a contiguous view the encoder
-        # copies straight into the database (a strided item cost a clone and then a second copy to encode)
-        spec = compute(x, cfg, dev).contiguous().cpu()
-        if shape[0] == 1:
-            spec = spec[:, 0]  # one channel: items are [freqs, frames]
-        for j, i in enumerate(idx):
-            out[i] = spec[j]
-    return out
 
 
 def die_with_parent(_worker_id: int = 0) -> None:
@@ -420,7 +351,7 @@ def _summary(writers, root, out, stats, resumed_files, elapsed, stft_cfg, dev, s
         "audio_seconds": stats["audio_seconds"], "skipped": stats["skipped"], "elapsed_seconds": elapsed,
         "audio_seconds_per_second": stats["audio_seconds"] / loop if loop else None,
         "files_per_second": stats["files"] / loop if loop else None,
-        "time_split": {k: stats[k] for k in ("wait_seconds", "stft_seconds", "write_seconds")} | {"loop_seconds": loop},
+        "time_split": {k: stats[k] for k in ("wait_seconds", "stft_seconds", "write_seconds", "worker_stft_seconds")} | {"loop_seconds": loop},
     }
 
 
@@ -475,8 +406,8 @@ def decode_only(audio_dir: str | os.PathLike | None = None, *, demo_dir: str | o
     # the same demo corpus as precompute's (another size would regenerate it in place)
     root = Path(audio_dir) if audio_dir is not None else demo.make_corpus(demo_dir, n_per_class=demo_clips_per_class)
     sources = audio.discover(root, manifest=manifest, label_depth=label_depth)[:limit]
-    loader = DataLoader(_Files(root, sources, cfg), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, worker_init_fn=die_with_parent,
+    loader = DataLoader(pipeline.Files(root, sources, cfg), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=pipeline.as_list, worker_init_fn=die_with_parent,
                         prefetch_factor=4 if num_workers else None)
     t0 = time.perf_counter()
     secs = 0.0

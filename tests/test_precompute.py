@@ -13,9 +13,10 @@ import soundfile as sf
 import torch
 
 import lmdbkit
-from lmdbkit import audio, demo
-from lmdbkit.errors import AudioDecodeError, ConfigMismatchError, LmdbkitError
-from lmdbkit.precompute import check_outputs, format_summary, precompute
+from lmdbkit import audio, demo, pipeline
+from lmdbkit.errors import AudioDecodeError, ConfigMismatchError, LmdbkitError, ValueRangeError
+from lmdbkit.precompute import AudioConfig, check_outputs, format_summary, precompute
+from lmdbkit.stft import StftConfig
 
 FAST = dict(num_workers=0, progress=False, n_fft=256, hop_length=128)
 
@@ -371,3 +372,56 @@ def test_another_audio_folder_is_not_appended_and_outputs_follow_the_folder(corp
     s = precompute(other, **FAST)
     assert Path(s["output_dir"]) == Path("runs/my_audio/data") and (tmp_path / "runs/my_audio/data/train.lmdb").is_dir()
     assert not (tmp_path / "runs" / "demo").exists()
+
+
+def _items(db):
+    with lmdbkit.Reader(db, decode_to="torch") as r:
+        return {r.key_of(i): r[i] for i in range(len(r))}
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(segment_seconds=0.25, segment_hop_seconds=0.2, output="db", dtype="float16"),
+    dict(dtype="complex32", mono="keep"),
+    dict(output="mfcc", n_mels=32, n_mfcc=13),
+])
+def test_features_computed_in_the_workers_equal_the_main_process(corpus, tmp_path, monkeypatch, opts):
+    """On the CPU the decode workers compute the features (pipeline.Features); the budgets send the longest files
+    and a batch's overflow to the main process, so one run mixes both ways. Every item equals num_workers=0's."""
+    kw = dict(FAST, device="cpu", batch_size=6, **opts)
+    if opts.get("mono") == "keep":  # items of two channels too: [2, freqs, frames]
+        shutil.copytree(corpus, tmp_path / "stereo")
+        corpus = tmp_path / "stereo"
+        rng = np.random.default_rng(0)
+        for n in range(4):
+            sf.write(corpus / "tone_low" / f"stereo{n}.wav", rng.uniform(-0.5, 0.5, (8000 + 3000 * n, 2)), 16000)
+    acfg = AudioConfig(**{k: v for k, v in opts.items() if k in AudioConfig.__dataclass_fields__})
+    cfg = StftConfig(n_fft=256, hop_length=128, **{k: v for k, v in opts.items() if k in StftConfig.__dataclass_fields__})
+    files = pipeline.Files(corpus, audio.discover(corpus), acfg)
+    sizes = sorted(sum(pipeline.feature_bytes(s.shape, cfg) for s in rec["segments"])
+                   for rec in map(files.__getitem__, range(len(files))) if "error" not in rec)
+    monkeypatch.setattr(pipeline, "FILE_BUDGET", sizes[len(sizes) * 3 // 4])  # the longest quarter: the main process
+    monkeypatch.setattr(pipeline, "BATCH_BUDGET", 3 * sizes[len(sizes) // 2])  # and what outgrows ~3 files a batch
+    want = precompute(corpus, output_dir=tmp_path / "main", **kw)
+    got = precompute(corpus, output_dir=tmp_path / "workers", **dict(kw, num_workers=2))
+    assert want["time_split"]["worker_stft_seconds"] == 0 and got["time_split"]["worker_stft_seconds"] > 0
+    assert got["time_split"]["stft_seconds"] > 0  # (what the budgets left to the main process)
+    a, b = {}, {}
+    for split in want["splits"]:
+        a |= _items(tmp_path / "main" / f"{split}.lmdb")
+        b |= _items(tmp_path / "workers" / f"{split}.lmdb")
+    assert a.keys() == b.keys() and len(a) >= 29
+    assert {v["stft"].dim() for v in a.values()} == ({2, 3} if opts.get("mono") == "keep" else {2})
+    for key, item in a.items():
+        assert item.keys() == b[key].keys()
+        for f, v in item.items():
+            assert torch.equal(v, b[key][f]) if isinstance(v, torch.Tensor) else v == b[key][f], (key, f)
+
+
+def test_a_worker_that_cannot_compute_leaves_the_error_to_the_main_process(tmp_path):
+    src = tmp_path / "audio"
+    (src / "loud").mkdir(parents=True)
+    sf.write(src / "loud" / "boom.wav", np.full(8000, 400.0, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(ValueRangeError, match=r"beyond float16's range.*in the batch of loud/boom.wav"):
+        precompute(src, output_dir=tmp_path / "o", output="power", dtype="float16", splits={"train": 1.0},
+                   **dict(FAST, num_workers=1, device="cpu"))
