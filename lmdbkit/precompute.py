@@ -1,11 +1,12 @@
 """Precompute: a folder of audio becomes ``train``/``val``/``test`` LMDB databases of STFT items.
 
 Decoding (soundfile), mixing and resampling (soxr) run in DataLoader worker processes, one file per
-worker task. On the CPU the workers compute the features too, and the main process only writes; on CUDA the
-main process computes the STFT of whole batches on the GPU (``pipeline``). The Writer commits file by file. A commit never splits a file, so a run killed at any moment and started
-again with the same parameters skips the files already written and finishes with every file present
-exactly once. Bad files are skipped and reported with their reasons (``strict=True`` stops at the
-first). ``shard_index``/``num_shards`` (from torchrun's RANK/WORLD_SIZE when set) split the file list by
+worker task. On the CPU the workers compute the features too, and the main process only writes; on CUDA
+the main process computes the STFT of whole batches on the GPU (``pipeline``). The Writer commits file by
+file. A commit never splits a file, so a run killed at any moment and started again with the same
+parameters skips the files already written and finishes with every file present exactly once. Bad files
+are skipped and reported with their reasons (``strict=True`` stops at the first).
+``shard_index``/``num_shards`` (from torchrun's RANK/WORLD_SIZE when set) split the file list by
 a stable hash into ``<split>-<i>-of-<n>.lmdb``.
 
 Run it from ``notebooks/precompute.ipynb``, from Python (``lmdbkit.precompute.precompute(...)``) or
