@@ -425,3 +425,44 @@ def test_a_worker_that_cannot_compute_leaves_the_error_to_the_main_process(tmp_p
     with pytest.raises(ValueRangeError, match=r"beyond float16's range.*in the batch of loud/boom.wav"):
         precompute(src, output_dir=tmp_path / "o", output="power", dtype="float16", splits={"train": 1.0},
                    **dict(FAST, num_workers=1, device="cpu"))
+
+
+def test_a_run_killed_inside_a_file_resumes_it_from_the_workers_features(corpus, tmp_path, monkeypatch):
+    """A file committed in parts, the run dying in the middle of one: the rerun's workers compute the whole file
+    again and the main process writes only the segments that were missing (resume's skip)."""
+    import functools
+    import lmdbkit.precompute as pc
+    kw = dict(FAST, device="cpu", segment_seconds=0.1, segment_hop_seconds=0.05, limit=10, splits={"train": 1.0},
+              durable=False)  # (commits of 3 items: their fsyncs would only slow the test)
+    want = _items_of(precompute(corpus, output_dir=tmp_path / "ref", **kw))
+    item = next(iter(want.values()))["stft"]
+    monkeypatch.setattr(pc, "Writer", functools.partial(lmdbkit.Writer, commit_bytes=3 * item.numel() * 8))
+    real, drawn = pc._file_samples, [0]
+
+    def dying(*a, **k):
+        for x in real(*a, **k):
+            drawn[0] += 1
+            if drawn[0] == len(want) // 2:
+                raise RuntimeError("killed")
+            yield x
+    monkeypatch.setattr(pc, "_file_samples", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        precompute(corpus, output_dir=tmp_path / "out", **dict(kw, num_workers=1))
+    with lmdbkit.Writer(tmp_path / "out" / "train.lmdb", mode="append") as w:
+        partial = [p for p, rec in w.sources().items() if rec.get("partial")]
+    assert len(partial) == 1  # (the file it died in, committed in part)
+    monkeypatch.setattr(pc, "_file_samples", real)
+    s = precompute(corpus, output_dir=tmp_path / "out", **dict(kw, num_workers=1))
+    assert s["time_split"]["worker_stft_seconds"] > 0
+    got = _items_of(s)
+    assert got.keys() == want.keys()
+    for key, item in want.items():
+        for f, v in item.items():
+            assert torch.equal(v, got[key][f]) if isinstance(v, torch.Tensor) else v == got[key][f], (key, f)
+
+
+def _items_of(summary):
+    out = {}
+    for d in summary["splits"].values():
+        out |= _items(d["database"])
+    return out
