@@ -8,7 +8,7 @@ is the one part of the pipeline that does not grow with ``num_workers``. With th
 0.91-1.00 ms of CPU an item of the demo corpus (~1 s clips, 253 KiB complex64 items), a ceiling of ~1,000
 items/s however many cores decode; see the README's "Precompute your own audio".
 
-On CUDA the main process computes the features of each batch on the GPU (``lazy_features``), a chunk of
+On CUDA the main process computes the features of each batch on the GPU (``LazyFeatures``), a chunk of
 segments at a time, as it does for a file whose features would exceed ``FILE_BUDGET`` (a long recording cut into
 many segments: its features never all exist at once), for what of a batch exceeds ``BATCH_BUDGET``, and for a
 batch whose features a worker failed to compute (the main process computes them again and reports what went
@@ -128,7 +128,7 @@ def feature_bytes(shape: tuple, cfg: StftConfig) -> int:
     return shape[0] * cfg.n_bins * cfg.num_frames(shape[-1]) * itemsize
 
 
-class lazy_features:
+class LazyFeatures:
     """The features of every segment of ``recs``, in order: a worker's (``specs``), else computed ``chunk``
     segments at a time (batched by shape within a chunk), so at most one chunk of them exists before the writer
     has encoded them. Counts its own seconds."""

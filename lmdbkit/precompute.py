@@ -230,7 +230,8 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
 def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, num_workers, batch_size,
          strict, progress, done=None) -> dict:
     stats = {"files": 0, "items": 0, "audio_seconds": 0.0, "skipped": [], "stft_seconds": 0.0,
-             "worker_stft_seconds": 0.0, "write_seconds": 0.0, "wait_seconds": 0.0, "short_padded": 0, "short_dropped": 0}
+             "worker_stft_seconds": 0.0, "write_seconds": 0.0, "wait_seconds": 0.0, "short_padded": 0,
+             "short_dropped": 0}
     if not pending:
         return stats
     done = done or {}
@@ -264,7 +265,7 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
             ts = time.perf_counter()
             # the features a worker did not compute are computed a chunk of segments at a time, as the writer
             # takes them (a long file never holds all its spectrograms in memory), batched across the short files
-            specs = pipeline.lazy_features(good, stft_cfg, dev, batch_size)
+            specs = pipeline.LazyFeatures(good, stft_cfg, dev, batch_size)
             try:
                 _write_batch(good, specs, writers, split_of, labels, audio_cfg, done, stats)
             except ValueRangeError as exc:
@@ -284,7 +285,7 @@ def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, 
     return stats
 
 
-def _write_batch(good: list[dict], specs: pipeline.lazy_features, writers: dict, split_of: dict, labels: dict,
+def _write_batch(good: list[dict], specs: pipeline.LazyFeatures, writers: dict, split_of: dict, labels: dict,
                  audio_cfg: AudioConfig, done: dict, stats: dict) -> None:
     """Append each decoded file of a batch to its split's writer, its items' features drawn from ``specs``."""
     for rec in good:
@@ -301,7 +302,7 @@ def _write_batch(good: list[dict], specs: pipeline.lazy_features, writers: dict,
         rec["segments"] = None  # the decoded audio of a finished file can go
 
 
-def _file_samples(rec: dict, specs: pipeline.lazy_features, labels: dict, audio_cfg: AudioConfig, *, skip: int = 0):
+def _file_samples(rec: dict, specs: pipeline.LazyFeatures, labels: dict, audio_cfg: AudioConfig, *, skip: int = 0):
     """(key, item) of each segment of one decoded file, in order; the first ``skip`` were written by an earlier,
     interrupted run (their STFTs are still drawn from ``specs``, which yields every segment in order)."""
     s: audio.Source = rec["source"]

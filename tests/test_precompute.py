@@ -396,7 +396,8 @@ def test_features_computed_in_the_workers_equal_the_main_process(corpus, tmp_pat
         for n in range(4):
             sf.write(corpus / "tone_low" / f"stereo{n}.wav", rng.uniform(-0.5, 0.5, (8000 + 3000 * n, 2)), 16000)
     acfg = AudioConfig(**{k: v for k, v in opts.items() if k in AudioConfig.__dataclass_fields__})
-    cfg = StftConfig(n_fft=256, hop_length=128, **{k: v for k, v in opts.items() if k in StftConfig.__dataclass_fields__})
+    cfg = StftConfig(n_fft=256, hop_length=128,
+                     **{k: v for k, v in opts.items() if k in StftConfig.__dataclass_fields__})
     files = pipeline.Files(corpus, audio.discover(corpus), acfg)
     sizes = sorted(sum(pipeline.feature_bytes(s.shape, cfg) for s in rec["segments"])
                    for rec in map(files.__getitem__, range(len(files))) if "error" not in rec)
