@@ -22,8 +22,8 @@ __version__ = "0.2.0"
 # public names that live in modules needing torch (or other optional packages): name -> module
 _LAZY = {
     "LMDBDataset": "dataset",
-    "LMDBDataTransform": "transforms",
-    "SpectrogramTransform": "transforms",
+    "LMDBDataTransform": "dataset",
+    "SpectrogramTransform": "dataset",
     "create_data_loader": "dataset",
     "create_train_val_loaders": "dataset",
     "pad_collate": "dataset",
