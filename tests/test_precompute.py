@@ -467,3 +467,22 @@ def _items_of(summary):
     for d in summary["splits"].values():
         out |= _items(d["database"])
     return out
+
+
+def test_a_database_keeps_the_first_skipped_files_and_their_count(corpus, tmp_path, monkeypatch):
+    """Each database's copy of the summary lists at most SKIPPED_STORED skipped files (its format record is
+    rewritten at every commit and parsed at every open); the returned summary lists them all."""
+    import lmdbkit.precompute as pc
+    src = tmp_path / "audio"
+    shutil.copytree(corpus / "tone_low", src / "tone_low")
+    for n in range(12):
+        (src / "tone_low" / f"broken{n:02d}.wav").write_bytes(b"")
+    monkeypatch.setattr(pc, "SKIPPED_STORED", 5)
+    s = precompute(src, output_dir=tmp_path / "o", splits={"train": 1.0}, **FAST)
+    assert len(s["skipped"]) == 13 and "skipped_count" not in s  # (12 empty files and tone_low/empty.wav)
+    on_disk = json.loads((tmp_path / "o" / "train.lmdb" / "metadata.json").read_text())["metadata"]["summary"]
+    with lmdbkit.Reader(tmp_path / "o" / "train.lmdb") as r:
+        stored = r.metadata["summary"]
+    for d in (on_disk, stored):
+        assert d["skipped"] == s["skipped"][:5] and d["skipped_count"] == 13
+        assert d["splits"] == s["splits"] and d["files_processed"] == s["files_processed"]
