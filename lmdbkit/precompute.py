@@ -216,6 +216,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
         summary.update(_label_counts(writers, mine, labels), label_depth=label_depth,
                        short_files={"policy": short_files, "padded": stats["short_padded"],
                                     "dropped": stats["short_dropped"]})
+        summary["summary_json"] = str(summary_path(out, shard_index, num_shards))
         for w in writers.values():
             w.set_metadata(summary=stored_summary(summary))
     except BaseException:
@@ -224,7 +225,28 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
         raise
     for w in writers.values():
         w.close()
+    _save_summary(summary)
     return summary
+
+
+def summary_path(out: Path, shard_index: int, num_shards: int) -> Path:
+    """Where a run's whole summary goes, beside its databases: ``summary.json``, or ``summary-<i>-of-<n>.json``
+    for a shard."""
+    return out / ("summary.json" if num_shards == 1 else f"summary-{shard_index}-of-{num_shards}.json")
+
+
+def _save_summary(summary: dict) -> None:
+    """Write the whole summary (every skipped file) to its ``summary_json``."""
+    path = Path(summary["summary_json"])
+    out = path.parent
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LmdbkitError(f"the databases in {out} are complete, but the run's summary could not be written to "
+                           f"{path} ({exc}); free space or fix permissions, then run again to write it") from exc
 
 
 def _run(root, pending, split_of, labels, writers, stft_cfg, audio_cfg, dev, *, num_workers, batch_size,
@@ -358,6 +380,7 @@ def _summary(writers, root, out, stats, resumed_files, elapsed, stft_cfg, dev, s
 
 
 SKIPPED_STORED = 20  # skipped files a database's copy of the summary lists (the returned summary lists all)
+SHOWN = 20  # skipped files and labels the end-of-run table names (summary.json has every one)
 
 
 def stored_summary(summary: dict) -> dict:
@@ -394,16 +417,22 @@ def format_summary(summary: dict) -> str:
     rows.append(f"processed {summary['files_processed']} files this run ({summary['files_resumed']} already done)"
                 + (f", {rate:.0f} audio-seconds/s on {summary['device']}" if rate else ""))
     if summary.get("labels"):
-        found = ", ".join(f"{name} ({c['files']} files, {c['items']} items)" for name, c in summary["labels"].items())
-        rows.append(f"labels (label_depth={summary.get('label_depth', 0)}): {found}")
+        counts = list(summary["labels"].items())
+        found = ", ".join(f"{name} ({c['files']} files, {c['items']} items)" for name, c in counts[:SHOWN])
+        more = f", and {len(counts) - SHOWN} more" if len(counts) > SHOWN else ""
+        rows.append(f"labels (label_depth={summary.get('label_depth', 0)}): {found}{more}")
     if summary.get("empty_labels"):
         rows.append(f"labels with no items (every file skipped): {', '.join(summary['empty_labels'])}")
     short = summary.get("short_files")
     if short and (short["padded"] or short["dropped"]):
         rows.append(f"files shorter than one segment: {short['padded']} kept zero-padded, {short['dropped']} dropped "
                     f"(short_files={short['policy']!r})")
-    rows.append(f"skipped {len(summary['skipped'])} files" + (":" if summary["skipped"] else ""))
-    rows += [f"  {s['path']}: {s['reason']}" for s in summary["skipped"]]
+    skipped = summary["skipped"]
+    rows.append(f"skipped {len(skipped)} files" + (":" if skipped else ""))
+    rows += [f"  {s['path']}: {s['reason']}" for s in skipped[:SHOWN]]
+    if len(skipped) > SHOWN:
+        rows.append(f"  ... and {len(skipped) - SHOWN} more"
+                    + (f": every one is in {summary['summary_json']}" if summary.get("summary_json") else ""))
     return "\n".join(rows)
 
 

@@ -471,7 +471,8 @@ def _items_of(summary):
 
 def test_a_database_keeps_the_first_skipped_files_and_their_count(corpus, tmp_path, monkeypatch):
     """Each database's copy of the summary lists at most SKIPPED_STORED skipped files (its format record is
-    rewritten at every commit and parsed at every open); the returned summary lists them all."""
+    rewritten at every commit and parsed at every open); the returned summary and summary.json list them all,
+    the printed table the first SHOWN."""
     import lmdbkit.precompute as pc
     src = tmp_path / "audio"
     shutil.copytree(corpus / "tone_low", src / "tone_low")
@@ -484,5 +485,12 @@ def test_a_database_keeps_the_first_skipped_files_and_their_count(corpus, tmp_pa
     with lmdbkit.Reader(tmp_path / "o" / "train.lmdb") as r:
         stored = r.metadata["summary"]
     for d in (on_disk, stored):
-        assert d["skipped"] == s["skipped"][:5] and d["skipped_count"] == 13
+        assert d["skipped"] == s["skipped"][:5] and d["skipped_count"] == 13 and d["summary_json"] == s["summary_json"]
         assert d["splits"] == s["splits"] and d["files_processed"] == s["files_processed"]
+    saved = json.loads((tmp_path / "o" / "summary.json").read_text())  # every one, beside the databases
+    assert saved["skipped"] == s["skipped"] and s["summary_json"] == str(tmp_path / "o" / "summary.json")
+    monkeypatch.setattr(pc, "SHOWN", 4)
+    table = format_summary(s).splitlines()
+    i = table.index("skipped 13 files:")
+    assert table[i + 1:i + 5] == [f"  {x['path']}: {x['reason']}" for x in s["skipped"][:4]]
+    assert table[i + 5:] == [f"  ... and 9 more: every one is in {tmp_path / 'o' / 'summary.json'}"]
