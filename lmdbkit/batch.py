@@ -136,7 +136,7 @@ def decode_block(bufs: list, where: Callable[[int], tuple[str, int]], *, verify:
     numbers = {k: torch.int64 if type(v) is int else torch.float64 for k, v in layout.first.items()
                if k not in shapes and type(v) in (int, float)}
     groups = shapes, {k: (dt, (n,)) for k, dt in numbers.items()}
-    arrays, scalars = _views(*groups, shared=shared)
+    arrays, scalars = storage_views(*groups, shared=shared)
     file = _shared_file(arrays)  # (before the numpy views: see _shared_file)
     dests = {name: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy() for name, t in arrays.items()}
     try:
@@ -170,7 +170,7 @@ ALIGN = 64
 
 
 def _size(*groups: dict) -> tuple[list[int], int]:
-    """(where each tensor starts, the bytes of all) in ``_views``'s storage for these groups."""
+    """(where each tensor starts, the bytes of all) in ``storage_views``'s storage for these groups."""
     offsets, total = [], 0
     for group in groups:
         for dtype, shape in group.values():
@@ -179,7 +179,7 @@ def _size(*groups: dict) -> tuple[list[int], int]:
     return offsets, total
 
 
-def _views(*groups: dict, shared: bool) -> list[dict]:
+def storage_views(*groups: dict, shared: bool) -> list[dict]:
     """Tensors of the given (dtype, shape) per name, all views of one uninitialised byte storage, each aligned
     to 64 bytes. ``shared`` (a DataLoader worker's batch): in a reused segment where one is free (``segments``),
     else in private memory when small enough to travel by value, else in torch's shared memory (``handoff``)."""
@@ -248,7 +248,7 @@ def stack(items: list, *, shared: bool) -> Block | None:
             numbers[k] = (torch.int64 if type(v) is int else torch.float64, (n,))
     if not shapes:
         return None
-    arrays, scalars = _views(shapes, numbers, shared=shared)
+    arrays, scalars = storage_views(shapes, numbers, shared=shared)
     for k, out in arrays.items():
         torch.stack([d[k] for d in items], out=out)
     metas = [{k: d[k] for k in first if k not in arrays} for d in items]

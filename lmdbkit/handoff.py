@@ -7,7 +7,8 @@ creates and maps and whose descriptor the main process fetches over a socket fro
 a cost a batch whatever its size. A batch whose tensors lie in one of the worker's segments pickles as the
 segment's name and where each tensor lies in it (its descriptor too, the first time). When none is free (the
 main process holds that many batches), a batch of at most ``BY_VALUE_MAX`` bytes is made in private memory
-(``batch._views``) and pickles as its bytes; unpickled, its tensors are views of one writable buffer.
+(``batch.storage_views``) and pickles as its bytes; unpickled, its tensors are views of one writable
+buffer.
 Anything else (tensors of several storages, a segment whose batch is still out) pickles as torch does.
 Pickled anywhere else (``pickle``, ``copy``, ``torch.save``), a batch is a plain dict of its fields.
 

@@ -96,7 +96,8 @@ class Features:
         try:
             specs = batched_features([seg for rec in chosen for seg in rec["segments"]], self.cfg,
                                      torch.device("cpu"), contiguous=False)
-            views = batches._views({str(i): (s.dtype, tuple(s.shape)) for i, s in enumerate(specs)}, shared=True)[0]
+            shapes = {str(i): (s.dtype, tuple(s.shape)) for i, s in enumerate(specs)}
+            views = batches.storage_views(shapes, shared=True)[0]
             for i, s in enumerate(specs):
                 views[str(i)].copy_(s)  # (the one copy: the STFT's frames-first layout into the item's)
         except Exception:  # (a value beyond float16's range, no room): the main process computes and reports it

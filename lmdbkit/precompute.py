@@ -225,7 +225,7 @@ def precompute(audio_dir: str | os.PathLike | None = None, *, output_dir: str | 
         raise
     for w in writers.values():
         w.close()
-    _save_summary(summary)
+    save_summary(summary)
     return summary
 
 
@@ -235,8 +235,9 @@ def summary_path(out: Path, shard_index: int, num_shards: int) -> Path:
     return out / ("summary.json" if num_shards == 1 else f"summary-{shard_index}-of-{num_shards}.json")
 
 
-def _save_summary(summary: dict) -> None:
-    """Write the whole summary (every skipped file) to its ``summary_json``."""
+def save_summary(summary: dict) -> None:
+    """Write the whole summary (every skipped file) to its ``summary_json``; precompute does at its end, the
+    notebook again once it has added the decode stage's speed."""
     path = Path(summary["summary_json"])
     out = path.parent
     tmp = path.with_name(path.name + ".tmp")

@@ -270,14 +270,14 @@ def test_a_batch_pickles_by_value_or_in_a_segment_with_every_dtype_and_shape(mon
     import pickle
     from multiprocessing.reduction import ForkingPickler
     from lmdbkit import handoff as handoffs, segments
-    from lmdbkit.batch import Batch, Collated, _views
+    from lmdbkit.batch import Batch, Collated, storage_views
     assert handoffs.by_value(Batch(x=torch.zeros(3)), Batch) is None  # outside a DataLoader worker: as any dict
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as if in one
     dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
               torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
     shapes = {f"f{i}": (dt, (3, *shape)) for i, (dt, shape) in
               enumerate((dt, shape) for dt in dtypes for shape in ((), (0,), (2, 5)))}
-    (views,) = _views(shapes, shared=handoff == "segment")
+    (views,) = storage_views(shapes, shared=handoff == "segment")
     for k, t in views.items():
         t.copy_(torch.arange(t.numel()).reshape(t.shape).to(t.dtype) if t.numel() else t)
     batch = Batch(views, names=["a", "b", "c"], extra=None)
@@ -295,8 +295,8 @@ def test_a_batch_pickles_by_value_or_in_a_segment_with_every_dtype_and_shape(mon
     for plain in (pickle.loads(pickle.dumps(batch)), __import__("copy").deepcopy(batch)):  # not the queue's pickler
         assert type(plain) is Batch and all(torch.equal(plain[k], t) for k, t in views.items())
     # what it does not take: tensors of two storages, a shared or too big one; they pickle as torch does
-    for other in (Batch(views, y=torch.zeros(2)), Batch({k: t.share_memory_() for k, t in
-                                                          _views({"x": (torch.float32, (4,))}, shared=False)[0].items()}),
+    private = storage_views({"x": (torch.float32, (4,))}, shared=False)[0]
+    for other in (Batch(views, y=torch.zeros(2)), Batch({k: t.share_memory_() for k, t in private.items()}),
                   Batch(x=torch.zeros(handoffs.BY_VALUE_MAX + 1))):
         assert handoffs.in_segment(other, Batch) is None and handoffs.by_value(other, Batch) is None
         back = pickle.loads(ForkingPickler.dumps(other))
