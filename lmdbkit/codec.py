@@ -416,7 +416,19 @@ def _flat(fields: dict) -> bool:
     return True
 
 
-_MEMO = headers.Memo()
+def _plain(checked: list) -> tuple | None:
+    """How ``decode_seen`` copies out the arrays of these checked descriptors: (field, dtype, offset, shape,
+    written as a tensor) each, or None unless every one is decode's common case (uncompressed, not empty, a
+    dtype numpy holds natively, not a numpy scalar)."""
+    out = []
+    for name, kind, dname, ccode, off, _n, shape, nbytes in checked:
+        if ccode or not nbytes or dname not in _PLAIN or kind == KIND_NUMPY_SCALAR:
+            return None
+        out.append((name, _STORAGE[dname], off, shape, kind == KIND_TORCH))
+    return tuple(out)
+
+
+_MEMO = headers.Memo(_plain)
 
 
 # the last item's descriptors as stored, checked, and the lowest and highest payload byte they reach
@@ -563,6 +575,27 @@ def decode(buf, *, decode_to: DecodeTo = "auto", verify: bool = False, parsed: t
             raise
         raise _corrupt(f"undecodable item ({type(exc).__name__}: {exc})"[:300]) from exc
     return key, fields
+
+
+def decode_seen(buf, decode_to: DecodeTo = "auto") -> dict | None:
+    """A single read's common case, in as few steps as it takes: the sample of an item laid out as lmdbkit
+    writes it whose header (but for its key) the memo holds, flat and with only ``_plain`` arrays, each copied
+    once out of ``buf``. None for any other item, which ``decode`` then takes (and names what is wrong with
+    it). The key is not read; the checksum is not checked (``decode(verify=True)`` does that)."""
+    head = _C.head(buf) if _C is not None else _head(buf)
+    if head is None:
+        return None
+    entry = _MEMO.seen.get(head[3])
+    if entry is None or entry[3] is None or entry[2] > len(buf) - head[0]:
+        return None
+    torch = None if decode_to == "numpy" else _torch()
+    if torch is None and decode_to == "torch":
+        return None
+    start, fields = head[0], dict(entry[0])
+    for name, dtype, off, shape, as_tensor in entry[3]:
+        arr = np.ndarray(shape, dtype, buf, start + off).copy()  # the one copy
+        fields[name] = torch.from_numpy(arr) if torch is not None and (as_tensor or decode_to == "torch") else arr
+    return fields
 
 
 class _Ctx:

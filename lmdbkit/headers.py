@@ -8,12 +8,15 @@ msgpack and the descriptors' checks.
 
 from __future__ import annotations
 
+from typing import Callable
+
 _NIL, _FIXARRAY3, _STR8, _STR16 = 0xC0, 0x93, 0xD9, 0xDA
 
 
 class Memo:
     """``seen`` maps a header's bytes after its key to what the decoder made of it: (fields, checked array
-    descriptors, payload bytes they reach).
+    descriptors, payload bytes they reach, and ``plain(descriptors)``: how a single read copies its arrays out
+    when all of them are the common case, else None; see ``codec.decode_seen``).
 
     Only flat, uncompressed headers are kept (a metadata list, dict or nested array is decoded each time; a
     compressed array's length is the data's). At SEEN_MAX headers the memo starts again. Items whose
@@ -21,11 +24,12 @@ class Memo:
     lookups: after MISSES_MAX misses in a row it rests for the next REST parses, then starts again."""
 
     SEEN_MAX, MISSES_MAX, REST = 1024, 256, 1 << 16
-    __slots__ = ("seen", "misses", "resting")
+    __slots__ = ("seen", "misses", "resting", "plain")
 
-    def __init__(self):
-        self.seen: dict[bytes, tuple[dict, list, int]] = {}
+    def __init__(self, plain: Callable[[list], tuple | None] = lambda checked: None):
+        self.seen: dict[bytes, tuple[dict, list, int, tuple | None]] = {}
         self.misses = self.resting = 0
+        self.plain = plain
 
     def remember(self, rest: bytes | None, fields: dict, checked: list, flat: bool) -> None:
         """Count a miss, and keep the header (``rest``: its bytes after the key) if it may be kept: flat and
@@ -42,7 +46,7 @@ class Memo:
         """Keep a flat, uncompressed header (a batch's, which knows its headers repeat: no miss counted)."""
         if len(self.seen) >= self.SEEN_MAX:
             self.seen.clear()
-        self.seen[rest] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0))
+        self.seen[rest] = (dict(fields), checked, max((d[4] + d[5] for d in checked), default=0), self.plain(checked))
 
 
 def after_key(buf, begin: int, end: int) -> int:

@@ -106,6 +106,7 @@ class Reader:
         self._complete = bool(meta.get("complete"))
         self._packed = store.packed(meta)  # items in runs, default keys implicit (format 2)
         self._kept = _Kept()
+        self._quick = not (self.legacy or verify)  # whether a read may try codec.decode_seen first
 
     # -- environment ---------------------------------------------------------------------------------
 
@@ -305,6 +306,21 @@ class Reader:
             raise  # not reached: the same items fail again
 
     def __getitem__(self, i: int) -> dict:
+        k = self._kept
+        if not (type(i) is int and 0 <= i < self._meta["count"] and perf_counter_ns() < k.until and k.h is self._h
+                and self._pid == store.PID):
+            return self._read(i)
+        # the common case, in as few steps as it takes: a finished database read again within KEEP_NS, through
+        # this thread's kept transaction (``_single``); the item is copied out before the transaction can end
+        try:
+            buf = self._raw(k.txn, i, k.cursor)
+            sample = codec.decode_seen(buf, self.decode_to) if self._quick and buf is not None else None
+            return sample if sample is not None else self._decode(buf, i, False)[1]
+        except lmdb.Error as exc:
+            raise self._damaged(exc, i) from exc
+
+    def _read(self, i: int) -> dict:
+        """``self[i]`` in general: any index, any database, a transaction begun when none is kept."""
         j = self._norm(i)
         try:
             single = self._single()

@@ -349,3 +349,53 @@ def test_a_batch_of_items_sharing_headers_keeps_each_items_metadata():
     assert [m["label"] for m in metas] == [0, 1, 0, 1, 0, 1]
     assert [m["tags"] for m in metas] == [None, None, None, None, [4], [5]]
     assert dest["x"][:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+# -- a single read's common case (codec.decode_seen): the memo's header, plain arrays, one copy each ---------------
+
+@pytest.mark.parametrize("decode_to", ["auto", "numpy", "torch"])
+@pytest.mark.parametrize("dtype,shape", list(itertools.product(NUMPY_DTYPES, [(), (1,), (7,), (2, 3, 4)])))
+def test_a_seen_header_decodes_the_quick_way_exactly_as_decode_does(dtype, shape, decode_to, monkeypatch):
+    monkeypatch.setattr(codec, "_MEMO", headers.Memo(codec._plain))
+    a, t = _values(shape, dtype), torch.arange(6, dtype=torch.int16).reshape(2, 3)
+    first = codec.encode({"a": a, "t": t, "label": 2}, "first")
+    assert codec.decode_seen(first, decode_to) is None  # not seen yet: decode takes it (and keeps its header)
+    codec.decode(first)
+    other = np.asarray(a + 1 if dtype != "bool" else ~a)  # (a 0-d array's sum is a numpy scalar: kept an array)
+    buf = codec.encode({"a": other, "t": t * 2, "label": 2}, "second")
+    quick, full = codec.decode_seen(buf, decode_to), codec.decode(buf, decode_to=decode_to)[1]
+    assert quick.keys() == full.keys() == {"a", "t", "label"} and quick["label"] == 2
+    for k in ("a", "t"):
+        assert type(quick[k]) is type(full[k]) and quick[k].dtype == full[k].dtype and quick[k].shape == full[k].shape
+        assert np.array_equal(np.asarray(quick[k]), np.asarray(full[k]))
+    assert type(quick["a"]) is (torch.Tensor if decode_to == "torch" else np.ndarray)
+    assert type(quick["t"]) is (np.ndarray if decode_to == "numpy" else torch.Tensor)
+    arr = np.asarray(quick["a"])  # a copy of its own, not a view of the buffer
+    assert arr.flags.writeable and arr.flags.c_contiguous and not np.shares_memory(arr, np.frombuffer(buf, np.uint8))
+    assert codec.decode_seen(buf, decode_to) is not quick  # a dict of its own each time
+
+
+@pytest.mark.parametrize("sample", [
+    {"x": np.zeros((0, 3), np.float32)},                            # empty: nothing to copy
+    {"x": np.float32(1.5)},                                         # a numpy scalar comes back as one
+    {"x": torch.zeros(3, dtype=torch.bfloat16)},                    # numpy has no bfloat16
+    {"x": torch.zeros(3, dtype=torch.complex32)},                   # widened to complex64
+    {"x": np.zeros(4, np.float32), "tags": ["a"]},                  # nested metadata: never kept
+])
+def test_what_is_not_the_common_case_is_left_to_decode(sample, monkeypatch):
+    monkeypatch.setattr(codec, "_MEMO", headers.Memo(codec._plain))
+    buf = codec.encode(sample)
+    codec.decode(buf)
+    assert codec.decode_seen(buf) is None
+
+
+def test_a_seen_header_on_a_short_payload_is_left_to_decode_which_names_it(monkeypatch):
+    monkeypatch.setattr(codec, "_MEMO", headers.Memo(codec._plain))
+    data = codec.encode({"x": np.arange(64, dtype=np.float32), "label": 2}, "abc")
+    codec.decode(data)
+    assert codec.decode_seen(data) is not None
+    for cut in (1, 4, 200):
+        assert codec.decode_seen(data[:-cut]) is None
+        with pytest.raises(CorruptItemError):
+            codec.decode(data[:-cut])
+    assert codec.decode_seen(b"LK") is None and codec.decode_seen(b"") is None

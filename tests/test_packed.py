@@ -219,3 +219,46 @@ def test_a_reader_opened_before_the_first_item_follows_the_writers_packing(tmp_p
     assert len(r) == 20 and r.meta["version"] == 2 and r[19]["x"][0] == 19 and r.index_of("7") == 7
     w.close()
     r.close()
+
+
+@pytest.mark.parametrize("decode_to", ["auto", "numpy", "torch"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_read_again_takes_the_seen_header_and_reads_what_decode_reads(tmp_path, pack, decode_to, monkeypatch):
+    from conftest import stored
+    from lmdbkit import codec, headers
+    path = tmp_path / "db.lmdb"
+    size = 256 if pack else 20_000  # packed 1 KiB items; items of overflow pages of their own
+    with lmdbkit.Writer(path, pack=pack) as w:
+        for i in range(40):
+            w.append({"x": np.full(size, i, np.float32), "t": torch.arange(3, dtype=torch.int16) * i, "label": i % 3})
+    calls = []
+    decode = codec.decode
+    monkeypatch.setattr(lmdbkit.reader, "KEEP_NS", 10**12)  # one kept transaction for the whole test
+    monkeypatch.setattr(codec, "_MEMO", headers.Memo(codec._plain))  # no header seen before
+    monkeypatch.setattr(codec, "decode", lambda *a, **kw: calls.append(1) or decode(*a, **kw))
+    with lmdbkit.Reader(path, decode_to=decode_to) as r:
+        first = [r[i] for i in range(40)]  # each header met first (a label; a key's length) is decoded in full
+        assert 3 <= len(calls) <= 6
+        calls.clear()
+        got = [r[i] for i in range(40)]
+        assert calls == []  # each read again took the kept header's way
+        assert r[-1]["label"] == 39 % 3 and r[np.int64(5)]["x"][0] == 5  # any index still reads (the general way)
+    for i in range(40):
+        assert equal(got[i], decode(stored(path, i), decode_to=decode_to)[1]) and equal(got[i], first[i])
+    assert type(got[7]["x"]) is (torch.Tensor if decode_to == "torch" else np.ndarray)  # written as numpy
+    assert type(got[7]["t"]) is (np.ndarray if decode_to == "numpy" else torch.Tensor)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_an_item_cut_short_behind_a_seen_header_is_named_not_read(tmp_path, pack):
+    from conftest import replace_stored, stored
+    path = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(path, pack=pack) as w:
+        for i in range(20):
+            w.append({"x": np.full(256, i, np.float32), "label": 1})
+    replace_stored(path, 9, stored(path, 9)[:-100])  # its header as every item's; its payload 100 bytes short
+    with lmdbkit.Reader(path) as r:
+        assert [r[i]["x"][0] for i in range(9)] == list(range(9))
+        with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 9: .*"):
+            r[9]
+        assert r[10]["x"][0] == 10
