@@ -582,6 +582,8 @@ def decode_seen(buf, decode_to: DecodeTo = "auto") -> dict | None:
     writes it whose header (but for its key) the memo holds, flat and with only ``_plain`` arrays, each copied
     once out of ``buf``. None for any other item, which ``decode`` then takes (and names what is wrong with
     it). The key is not read; the checksum is not checked (``decode(verify=True)`` does that)."""
+    if _MEMO.resting:  # headers do not repeat here (unique metadata): not worth a look
+        return None
     head = _C.head(buf) if _C is not None else _head(buf)
     if head is None:
         return None

@@ -399,3 +399,13 @@ def test_a_seen_header_on_a_short_payload_is_left_to_decode_which_names_it(monke
         with pytest.raises(CorruptItemError):
             codec.decode(data[:-cut])
     assert codec.decode_seen(b"LK") is None and codec.decode_seen(b"") is None
+
+
+def test_no_quick_look_while_the_memo_rests(monkeypatch):
+    memo = headers.Memo(codec._plain)
+    monkeypatch.setattr(codec, "_MEMO", memo)
+    buf = codec.encode({"x": np.zeros(4, np.float32), "label": 1})
+    codec.decode(buf)
+    assert codec.decode_seen(buf) is not None
+    memo.resting = 10  # headers stopped repeating: a read goes straight to decode
+    assert codec.decode_seen(buf) is None and codec.decode(buf)[1]["label"] == 1
