@@ -106,7 +106,6 @@ class Reader:
         self._complete = bool(meta.get("complete"))
         self._packed = store.packed(meta)  # items in runs, default keys implicit (format 2)
         self._kept = _Kept()
-        self._quick = not (self.legacy or verify)  # whether a read may try codec.decode_seen first
 
     # -- environment ---------------------------------------------------------------------------------
 
@@ -314,7 +313,7 @@ class Reader:
         # this thread's kept transaction (``_single``); the item is copied out before the transaction can end
         try:
             buf = self._raw(k.txn, i, k.cursor)
-            sample = codec.decode_seen(buf, self.decode_to) if self._quick and buf is not None else None
+            sample = None if self.verify or buf is None else codec.decode_seen(buf, self.decode_to)
             return sample if sample is not None else self._decode(buf, i, False)[1]
         except lmdb.Error as exc:
             raise self._damaged(exc, i) from exc

@@ -262,3 +262,19 @@ def test_an_item_cut_short_behind_a_seen_header_is_named_not_read(tmp_path, pack
         with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 9: .*"):
             r[9]
         assert r[10]["x"][0] == 10
+
+
+def test_verify_turned_on_later_checks_every_read_again(tmp_path):
+    from conftest import replace_stored, stored
+    path = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for i in range(20):
+            w.append({"x": np.full(256, i, np.float32), "label": 1})
+    bad = bytearray(stored(path, 5))
+    bad[-1] ^= 0xFF  # a payload byte flipped: the same length, the checksum no longer matches
+    replace_stored(path, 5, bytes(bad))
+    with lmdbkit.Reader(path) as r:
+        [r[i] for i in range(20)]  # unverified: read as stored
+        r.verify = True
+        with pytest.raises(CorruptItemError, match=r"item 5: .*checksum mismatch"):
+            r[5]
