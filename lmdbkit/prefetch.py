@@ -245,7 +245,7 @@ class Prefetcher:
         if not self.large(txn, db):
             return txn.get(key, db=db)
         cursor = txn.cursor(db=db) if cursor is None else cursor
-        if not self._cold:  # _lookup's warm case, inline (as get_run's): the next step of a read's few us
+        if not self._cold:  # _lookup's warm case, inline, as get_run's (a single read's every call counts)
             t0 = perf_counter_ns()
             if not cursor.set_key(key):
                 return None
