@@ -39,31 +39,46 @@ static int run_span(const unsigned char *run, Py_ssize_t len, long long i, long 
     return HEAD_SIZE + 4 * (n + 1) <= *start && *start <= *end && *end <= len;
 }
 
-/* The bytes of item i in ``f``, the (8-byte big-endian key, run) that a ranged lookup found for it: a
- * memoryview slice of the run (a new reference), or NULL with ValueError set when the key or the run does
- * not hold it as the common case has it. */
-static PyObject *take(PyObject *f, long long i) {
+/* Where item i lies in ``f``, the (8-byte big-endian key, run) that a ranged lookup found for it: 1 with
+ * *run filled (release it) and *start, *end set; 0 when the key or the run does not hold it as the common
+ * case has it; -1 with an exception set. */
+static int found_span(PyObject *f, long long i, Py_buffer *run, Py_ssize_t *start, Py_ssize_t *end) {
     if (i < 0 || !PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 2 || !PyObject_CheckBuffer(PyTuple_GET_ITEM(f, 0))
         || !PyObject_CheckBuffer(PyTuple_GET_ITEM(f, 1)))
-        goto bad;
-    Py_buffer key, run;
+        return 0;
+    Py_buffer key;
     if (PyObject_GetBuffer(PyTuple_GET_ITEM(f, 0), &key, PyBUF_SIMPLE) < 0)
-        return NULL;
+        return -1;
     unsigned long long last = 0;
     int key_ok = key.len == 8;
     for (int b = 0; key_ok && b < 8; b++)
         last = last << 8 | ((const unsigned char *)key.buf)[b];
     PyBuffer_Release(&key);
     if (!key_ok || last >> 62)
-        goto bad;
-    PyObject *value = PyTuple_GET_ITEM(f, 1);
-    if (PyObject_GetBuffer(value, &run, PyBUF_SIMPLE) < 0)
-        return NULL;
+        return 0;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(f, 1), run, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (!run_span(run->buf, run->len, i, (long long)last, start, end)) {
+        PyBuffer_Release(run);
+        return 0;
+    }
+    return 1;
+}
+
+/* The bytes of item i in ``f`` (see found_span): a memoryview slice of the run (a new reference), or NULL with
+ * ValueError set when the key or the run does not hold it as the common case has it. */
+static PyObject *take(PyObject *f, long long i) {
+    Py_buffer run;
     Py_ssize_t start, end;
-    int ok = run_span(run.buf, run.len, i, (long long)last, &start, &end);
+    int ok = found_span(f, i, &run, &start, &end);
+    if (ok < 0)
+        return NULL;
+    if (ok == 0) {
+        PyErr_SetString(PyExc_ValueError, "not an item of its run as lmdbkit writes it");
+        return NULL;
+    }
     PyBuffer_Release(&run);
-    if (!ok)
-        goto bad;
+    PyObject *value = PyTuple_GET_ITEM(f, 1);
     if (PyMemoryView_Check(value))
         return PySequence_GetSlice(value, start, end);
     PyObject *view = PyMemoryView_FromObject(value);
@@ -72,9 +87,6 @@ static PyObject *take(PyObject *f, long long i) {
     PyObject *slice = PySequence_GetSlice(view, start, end);
     Py_DECREF(view);
     return slice;
-bad:
-    PyErr_SetString(PyExc_ValueError, "not an item of its run as lmdbkit writes it");
-    return NULL;
 }
 
 /* item_in_run(found, i) -> memoryview: item i's bytes in the (key, run) found for it (runs.item); ValueError
@@ -288,6 +300,201 @@ fail:
     return NULL;
 }
 
+/* A batch's distinct headers (each item's header bytes after its key), found again by their hash in an
+ * open-addressed table: a batch of items of one schema has a few (one per label or category). */
+#define GROUPS_MAX 256
+#define SLOTS 1024 /* a power of two, at least 2 x GROUPS_MAX */
+
+typedef struct {
+    PyObject *rest;   /* the header's bytes after the key (a bytes object) */
+    PyObject *fields; /* what resolve made of the header: the fields every item of it shares */
+    Py_ssize_t shift; /* how far its items' arrays lie from the first item's */
+} group_t;
+
+/* A hash of n bytes, eight at a time (FNV-1a's constants over words; the table compares the bytes anyway). */
+static uint64_t hash_bytes(const unsigned char *p, Py_ssize_t n) {
+    uint64_t h = 1469598103934665603ULL ^ (uint64_t)n, w;
+    for (; n >= 8; p += 8, n -= 8) {
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 1099511628211ULL;
+        h ^= h >> 29;
+    }
+    w = 0;
+    memcpy(&w, p, (size_t)n);
+    h = (h ^ w) * 1099511628211ULL;
+    return h ^ h >> 32;
+}
+
+/* Item k of a batch for gather: ``items[k]`` itself (a buffer), or with ``indices`` the bytes of item
+ * indices[k] in the (key, run) items[k] that a ranged lookup found for it (found_span). Fills *v (release it)
+ * and sets *p, *len to the item's bytes; 1 on success, 0 when a run does not hold it as the common case has it,
+ * -1 with an exception set. */
+static int batch_item(PyObject *items, PyObject *indices, Py_ssize_t k, Py_buffer *v, const unsigned char **p,
+                      Py_ssize_t *len) {
+    PyObject *f = PyList_GET_ITEM(items, k);
+    if (indices == Py_None) {
+        if (PyObject_GetBuffer(f, v, PyBUF_SIMPLE) < 0)
+            return -1;
+        *p = v->buf;
+        *len = v->len;
+        return 1;
+    }
+    long long i = PyLong_AsLongLong(PyList_GET_ITEM(indices, k));
+    if (i == -1 && PyErr_Occurred())
+        return -1;
+    Py_ssize_t start, end;
+    int ok = found_span(f, i, v, &start, &end);
+    if (ok != 1)
+        return ok;
+    *p = (const unsigned char *)v->buf + start;
+    *len = end - start;
+    return 1;
+}
+
+/* gather(items, indices, copies, need, resolve) -> list | None: decode_layout's common case in one pass over
+ * a batch's items (``batch_item``: buffers, or with ``indices`` items in their runs). For each item b: its
+ * prefix and header as head() takes them; the first item of each distinct header (its bytes after the key) is
+ * passed to resolve(b, rest), which returns (fields, shift) for a header that matches the batch's layout (its
+ * items' arrays lie ``shift`` bytes from the first item's), or None; then each (destination, offset, length)
+ * in ``copies`` is copied from the item's bytes [start + shift + offset:][:length] into the destination's bytes
+ * [b * length, (b + 1) * length), as copy_rows does. Returns each item's fields (the items of a header share
+ * its fields object), or None as soon as an item is not the common case (a run, prefix or header not laid out
+ * as lmdbkit writes it, more than GROUPS_MAX headers) or resolve returns None: the rows filled so far are then
+ * overwritten by whoever takes the batch item by item. ValueError(b) for the first item whose arrays would
+ * run outside its payload; resolve's exceptions pass on. */
+static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *items, *indices, *copies, *resolve;
+    Py_ssize_t need;
+    if (!PyArg_ParseTuple(args, "O!OO!nO", &PyList_Type, &items, &indices, &PyList_Type, &copies, &need, &resolve))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items), ncopies = PyList_GET_SIZE(copies);
+    if (need < 0 || ncopies > 64 || (indices != Py_None && (!PyList_Check(indices)
+                                                            || PyList_GET_SIZE(indices) != count))) {
+        PyErr_SetString(PyExc_ValueError, "gather: inconsistent arguments");
+        return NULL;
+    }
+    Py_buffer dest[64];
+    Py_ssize_t off[64], len[64], low = need;
+    Py_ssize_t held = 0, ngroups = 0;
+    group_t groups[GROUPS_MAX];
+    int16_t slots[SLOTS];
+    memset(slots, -1, sizeof slots);
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    for (; held < ncopies; held++) {
+        PyObject *c = PyList_GET_ITEM(copies, held);
+        if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 3) {
+            PyErr_SetString(PyExc_TypeError, "gather: copies are (destination, offset, length)");
+            goto fail;
+        }
+        off[held] = PyLong_AsSsize_t(PyTuple_GET_ITEM(c, 1));
+        len[held] = PyLong_AsSsize_t(PyTuple_GET_ITEM(c, 2));
+        if (PyErr_Occurred())
+            goto fail;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(c, 0), &dest[held], PyBUF_WRITABLE) < 0)
+            goto fail;
+        if (off[held] < 0 || len[held] < 0 || off[held] + len[held] > need || dest[held].len < count * len[held]) {
+            PyBuffer_Release(&dest[held]);
+            PyErr_SetString(PyExc_ValueError, "gather: a destination too small or a copy past need");
+            goto fail;
+        }
+        if (off[held] < low)
+            low = off[held];
+    }
+    for (Py_ssize_t b = 0; b < count; b++) {
+        Py_buffer v;
+        const unsigned char *p;
+        Py_ssize_t size, start, at;
+        unsigned long long stored;
+        int got_item = batch_item(items, indices, b, &v, &p, &size);
+        if (got_item < 0)
+            goto fail;
+        if (got_item == 0)
+            goto decline;
+        if (!item_head(p, size, &start, &at, &stored)) {
+            PyBuffer_Release(&v);
+            goto decline;
+        }
+        uint64_t h = hash_bytes(p + at, start - at);
+        Py_ssize_t slot = (Py_ssize_t)(h & (SLOTS - 1));
+        group_t *g = NULL;
+        while (slots[slot] >= 0) {
+            group_t *c = &groups[slots[slot]];
+            if (PyBytes_GET_SIZE(c->rest) == start - at && memcmp(PyBytes_AS_STRING(c->rest), p + at, start - at) == 0) {
+                g = c;
+                break;
+            }
+            slot = (slot + 1) & (SLOTS - 1);
+        }
+        if (g == NULL) { /* the first item of a header: resolve says what it is */
+            if (ngroups == GROUPS_MAX) {
+                PyBuffer_Release(&v);
+                goto decline;
+            }
+            PyObject *rest = PyBytes_FromStringAndSize((const char *)p + at, start - at);
+            PyBuffer_Release(&v); /* (resolve may read the item itself) */
+            if (rest == NULL)
+                goto fail;
+            PyObject *got = PyObject_CallFunction(resolve, "nO", b, rest);
+            if (got == NULL) {
+                Py_DECREF(rest);
+                goto fail;
+            }
+            Py_ssize_t shift = 0;
+            if (got == Py_None || !PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2
+                || ((shift = PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 1))) == -1 && PyErr_Occurred())) {
+                int bad = got != Py_None;
+                Py_DECREF(got);
+                Py_DECREF(rest);
+                if (!bad)
+                    goto decline;
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "gather: resolve returns (fields, shift) or None");
+                goto fail;
+            }
+            g = &groups[ngroups];
+            g->rest = rest;
+            g->fields = Py_NewRef(PyTuple_GET_ITEM(got, 0));
+            g->shift = shift;
+            Py_DECREF(got);
+            slots[slot] = (int16_t)ngroups++;
+            got_item = batch_item(items, indices, b, &v, &p, &size); /* (taken a moment ago: 1) */
+            if (got_item < 0)
+                goto fail;
+            if (got_item == 0)
+                goto decline;
+        }
+        Py_ssize_t base = start + g->shift; /* where the first item's offsets point in this one */
+        if (base + low < start || base + need > size) {
+            PyBuffer_Release(&v);
+            PyObject *pos = PyLong_FromSsize_t(b);
+            PyErr_SetObject(PyExc_ValueError, pos);
+            Py_XDECREF(pos);
+            goto fail;
+        }
+        for (Py_ssize_t c = 0; c < ncopies; c++)
+            memcpy((char *)dest[c].buf + b * len[c], (const char *)p + base + off[c], len[c]);
+        PyBuffer_Release(&v);
+        PyList_SET_ITEM(out, b, Py_NewRef(g->fields));
+    }
+    goto done;
+decline:
+    Py_DECREF(out);
+    out = Py_NewRef(Py_None);
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    while (held > 0)
+        PyBuffer_Release(&dest[--held]);
+    for (Py_ssize_t k = 0; k < ngroups; k++) {
+        Py_DECREF(groups[k].rest);
+        Py_DECREF(groups[k].fields);
+    }
+    return out;
+}
+
 /* timed_lookups(find, take, keys, cold_ns) -> (values, slow, waited): for each key, ``take()`` if
  * ``find(key)`` else None (a cursor's set_range and item: prefetch.Prefetcher._runs), each lookup and take
  * timed together on the monotonic clock (what time.perf_counter_ns reads). Stops after the first that took
@@ -339,6 +546,7 @@ static PyMethodDef methods[] = {
     {"head", head, METH_O, "(payload start, checksum, key end, header bytes after the key) of an item."},
     {"heads", heads, METH_O, "(payload starts, header bytes after the key, checksums) of each item."},
     {"copy_rows", copy_rows, METH_VARARGS, "Copy each item's arrays into its rows of the destinations."},
+    {"gather", gather, METH_VARARGS, "A batch's headers grouped, resolved once each, and its arrays copied."},
     {"timed_lookups", timed_lookups, METH_VARARGS, "take() if find(key) else None for each key, each timed."},
     {NULL, NULL, 0, NULL},
 };

@@ -103,7 +103,7 @@ class LMDBDataset(Dataset):
             return None
         with ExitStack() as stack:
             bufs, verify = self._raw_bufs(groups, stack)
-            if any(b is None for b in bufs):
+            if type(bufs) is list and None in bufs:
                 return None
             shared = self.transform is None and torch.utils.data.get_worker_info() is not None
 
@@ -118,7 +118,7 @@ class LMDBDataset(Dataset):
         database's reads requested together; and whether to verify them (one flag, or one per item)."""
         if len(groups) == 1:
             r, _, js = groups[0]
-            return r._raw_many(stack.enter_context(r._txn()), js), r.verify
+            return r._raw_batch(stack.enter_context(r._txn()), js), r.verify
         n = sum(len(js) for *_, js in groups)
         bufs: list = [None] * n
         verify: list = [False] * n

@@ -4,8 +4,9 @@ one destination array per field (a batch tensor), the items' headers checked aga
 Items of one schema have the same fields and array descriptors, so a batch checks each item's header against
 its first item's (``Layout``) instead of checking each descriptor again, and items whose header repeats but
 for the key (a label, a category) share what was made of it. With ``speedups.C`` the items of a header met
-before are bounds-checked and copied in C, all together (``_in_c``). ``lmdbkit.batch`` builds its blocks on
-this; the item format itself is ``codec``'s.
+before are bounds-checked and copied in C, all together (``_in_c``): an unverified batch in one pass, taken
+straight from the runs of a packed database (``runs.InRuns``). ``lmdbkit.batch`` builds its blocks on this;
+the item format itself is ``codec``'s.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import xxhash
 
 from .codec import (_MEMO, PREFIX_SIZE, DecodeTo, _Ctx, _checked, _complex32, _corrupt, _head, _header, _shift,
                     _torch, _walk)
+from .runs import InRuns
 from .speedups import C as _C
 
 
@@ -134,10 +136,16 @@ def decode_layout(bufs: list, layout: Layout, dests: dict[str, np.ndarray], *, v
         shared = _in_c(bufs, checks, plain, layout, one, seen)
         if shared is not None:
             return shared or None
+    if type(bufs) is InRuns:
+        bufs = bufs.items()  # (``one`` reads them from here on)
     for b in range(len(bufs)):
         if metas[b] is None and not one(b):
             return None
     return metas
+
+
+class _Differs(Exception):
+    """An item's layout differs from the batch's (raised through ``C.gather``)."""
 
 
 def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Callable[[int, bool], bool],
@@ -146,33 +154,54 @@ def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Call
     decoder's memo (``headers``) holds with the layout's very descriptors costs nothing more; the first item
     of each other header is decoded by ``one`` (which keeps it in ``seen``; the memo keeps it too). Every
     other item is then checked against its buffer's length (and its checksum where ``checks`` asks) and
-    copied into its rows by ``C.copy_rows``. Returns their fields, False when an item's layout differs, or
-    None to go on item by item (headers that do not repeat, or nested ones; the items ``one`` decoded are
-    done)."""
-    starts, rests, stored = _C.heads(bufs)
-    firsts = {r: b for b, r in zip(range(len(rests) - 1, -1, -1), reversed(rests))}  # each header's first item
-    if None in firsts:
-        return None
-    memo, keys0, done = _MEMO, layout.first.keys(), []
-    for r, b in firsts.items():
+    copied into its rows in C: unverified, in one pass over the batch (``C.gather``), else after the
+    checksums (``C.copy_rows``). Returns their fields, False when an item's layout differs, or None to go on
+    item by item (headers that do not repeat, or nested ones; the items ``one`` decoded are done)."""
+    memo, keys0, arrays0, done = _MEMO, layout.first.keys(), layout.arrays, []
+
+    def resolve(b: int, r: bytes) -> tuple[dict, int] | None:
+        """(fields, shift) of the header whose bytes after the key are ``r``, first met at item b."""
         hit = memo.seen.get(r)
-        if hit is not None and hit[1] == layout.arrays and hit[0].keys() == keys0:
-            seen[r] = dict(hit[0]), 0  # (its items share this dict, which nothing changes)
-            continue
+        if hit is not None and hit[1] == arrays0 and hit[0].keys() == keys0:
+            seen[r] = got = dict(hit[0]), 0  # (its items share this dict, which nothing changes)
+            return got
         if 4 * (len(done) + 1) > len(bufs):
             return None  # few items share a header: item by item
         if not one(b, True):
-            return False
+            raise _Differs
         done.append(b)
-        if r in seen:
-            memo.keep(r, seen[r][0], [(*d[:4], d[4] + seen[r][1], *d[5:]) for d in layout.arrays])
-    hits = list(map(seen.get, rests))
-    if None in hits:
-        return None
-    if True in checks:
-        hash64 = xxhash.xxh3_64_intdigest
-        if any(want and hash64(memoryview(buf)[PREFIX_SIZE:]) != s for buf, s, want in zip(bufs, stored, checks)):
-            raise _corrupt("checksum mismatch")
+        got = seen.get(r)
+        if got is not None:
+            memo.keep(r, got[0], [(*d[:4], d[4] + got[1], *d[5:]) for d in arrays0])
+        return got
+
+    try:
+        if True not in checks:  # (a batch left in its runs is taken from them)
+            if type(bufs) is InRuns:
+                return _C.gather(bufs.found, bufs.indices, plain, layout.need, resolve)
+            return _C.gather(bufs if type(bufs) is list else list(bufs), None, plain, layout.need, resolve)
+        bufs = bufs.items() if type(bufs) is InRuns else bufs
+        starts, rests, stored = _C.heads(bufs)
+        if None in rests:
+            return None
+        hits = []
+        for b, r in enumerate(rests):
+            got = seen.get(r)
+            if got is None:
+                got = resolve(b, r)
+                if got is None:
+                    return None
+            hits.append(got)
+    except _Differs:
+        return False
+    except ValueError as exc:  # (from gather) item b's arrays would run outside its payload
+        b = exc.args[0]
+        if type(b) is not int:
+            raise
+        raise _corrupt(f"arrays run past the {len(bufs[b]) - _C.head(bufs[b])[0]}-byte payload") from None
+    hash64 = xxhash.xxh3_64_intdigest
+    if any(want and hash64(memoryview(buf)[PREFIX_SIZE:]) != s for buf, s, want in zip(bufs, stored, checks)):
+        raise _corrupt("checksum mismatch")
     ats = [start + hit[1] for start, hit in zip(starts, hits)]  # where the first item's offsets point in each
     for b in done:
         ats[b] = None  # done by ``one``

@@ -292,6 +292,13 @@ class Reader:
             return self._fetch.get_many(txn, self._items, keys)
         return self._in_runs(self._fetch.get_many(txn, self._items, keys, ranged=True), indices)
 
+    def _raw_batch(self, txn, indices: list[int]) -> list | runs.InRuns:
+        """``_raw_many``, a packed database's items left in their runs (``runs.InRuns``) when none is missing."""
+        if self.legacy or not self._packed:
+            return self._raw_many(txn, indices)
+        found = self._fetch.get_many(txn, self._items, store.pack_indices(indices), ranged=True)
+        return self._in_runs(found, indices) if None in found else runs.InRuns(found, indices, self._in_runs)
+
     def _in_runs(self, found: list, indices: list[int]) -> list:
         """Each item's bytes in the (key, run) a ranged lookup found for it, or None (no such run)."""
         try:

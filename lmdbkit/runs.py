@@ -23,6 +23,7 @@ item's index lands on its run in one lookup. Layout of a run (little-endian)::
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 import xxhash
 
@@ -168,6 +169,33 @@ def slices(found: list, indices: list[int], verify: bool = False) -> list:
             pass  # one is not the common case: ``item`` names what is wrong
     return [None if f is None else item(f[1], int.from_bytes(f[0], "big"), i, verify)
             for f, i in zip(found, indices)]
+
+
+class InRuns:
+    """A batch's items in the (key, run)s that a ranged lookup found for them (none missing), sliced out only
+    when Python asks for them: ``speedups.C.gather`` takes a whole batch straight from its runs. ``take(found,
+    indices)`` slices them (``slices``, naming a damaged run's item)."""
+
+    __slots__ = ("found", "indices", "_take", "_items")
+
+    def __init__(self, found: list, indices: list[int], take: Callable[[list, list], list]):
+        self.found, self.indices, self._take, self._items = found, indices, take, None
+
+    def items(self) -> list[memoryview]:
+        if self._items is None:
+            self._items = self._take(self.found, self.indices)
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, b: int) -> memoryview:
+        if self._items is not None:
+            return self._items[b]
+        return self._take([self.found[b]], [self.indices[b]])[0]
+
+    def __iter__(self):
+        return iter(self.items())
 
 
 def _table_ok(run) -> bool:

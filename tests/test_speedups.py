@@ -137,33 +137,101 @@ def test_copy_rows_copies_each_items_arrays_and_checks_every_bound():
         C.copy_rows(bufs, [0, 0], [(bytes(8), 0, 4)], 4)  # read-only destination
 
 
-def _batch(bufs):
+def _batch(bufs, verify=False):
     layout = lklayout.batch_layout(bufs)
     dest = {"x": np.zeros((len(bufs), 8), np.float32)}
-    return lklayout.decode_layout(bufs, layout, dest, verify=False), dest["x"]
+    return lklayout.decode_layout(bufs, layout, dest, verify=verify), dest["x"]
 
 
 @needs_c
-@pytest.mark.parametrize("case", ["repeating", "unique", "nested", "keys of every width"])
-def test_a_batch_decodes_in_c_as_in_python(case, monkeypatch):
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("case", ["repeating", "unique", "nested", "keys of every width", "memo hits"])
+def test_a_batch_decodes_in_c_as_in_python(case, verify, monkeypatch):
     if case == "nested":
         bufs = [codec.encode({"x": np.full(8, i, np.float32), "label": i % 2, "tags": [i]}, f"k{i}") for i in range(40)]
     elif case == "unique":
         bufs = items(40, label=lambda i: f"utt{i}")
     elif case == "keys of every width":
         bufs = items(40, key=lambda i: [None, "7", "k" * 31, "é" * 40, "x" * 300][i % 5])
+    elif case == "memo hits":  # headers the decoder met before: none decoded again
+        bufs = items(40, label=lambda i: i % 7)
+        _batch(items(7, label=lambda i: i % 7))
     else:
         bufs = items(40)
     calls = []
-    monkeypatch.setattr(lklayout, "_C", type("Spy", (), {
-        "head": staticmethod(C.head),
-        "heads": staticmethod(lambda b: calls.append("heads") or C.heads(b)),
-        "copy_rows": staticmethod(lambda *a: calls.append("copy_rows") or C.copy_rows(*a))}))
-    metas, x = _batch(bufs)
+
+    def spy(name):
+        def call(*a):
+            out = getattr(C, name)(*a)
+            calls.append(f"{name} declined" if out is None and name == "gather" else name)
+            return out
+        return staticmethod(call)
+    monkeypatch.setattr(lklayout, "_C", type("Spy", (), {"head": staticmethod(C.head), "heads": spy("heads"),
+                                                         "copy_rows": spy("copy_rows"), "gather": spy("gather")}))
+    metas, x = _batch(bufs, verify)
     monkeypatch.setattr(lklayout, "_C", None)
-    want, want_x = _batch(bufs)
+    want, want_x = _batch(bufs, verify)
     assert metas == want and np.array_equal(x, want_x) and x[:, 0].tolist() == list(range(40))
-    assert calls == (["heads", "copy_rows"] if case in ("repeating", "keys of every width") else ["heads"])
+    in_c = case not in ("unique", "nested")  # (headers that do not repeat, or nested ones: item by item)
+    if verify:  # the checksums first, then the copies
+        assert calls == (["heads", "copy_rows"] if in_c else ["heads"])
+    else:  # one pass
+        assert calls == (["gather"] if in_c else ["gather declined"])
+
+
+@needs_c
+def test_gather_copies_each_items_arrays_resolves_each_header_once_and_checks_every_bound():
+    bufs = items(12, label=lambda i: i % 3)
+    starts = [C.head(b)[0] for b in bufs]
+    asked = []
+
+    def resolve(b, rest):
+        asked.append((b, rest))
+        return {"label": b % 3}, 0
+
+    def gather(bufs, copies, need, resolve):
+        return C.gather(bufs, None, copies, need, resolve)
+    dest = bytearray(12 * 32)
+    metas = gather(bufs, [(dest, 0, 32)], 32, resolve)
+    assert [b for b, _ in asked] == [0, 1, 2] and [r for _, r in asked] == [C.head(b)[3] for b in bufs[:3]]
+    assert [m["label"] for m in metas] == [i % 3 for i in range(12)] and metas[0] is metas[3]
+    assert bytes(dest) == b"".join(bytes(b[s:s + 32]) for b, s in zip(bufs, starts))
+    assert gather(bufs, [(dest, 0, 32)], 32, lambda b, r: None) is None  # resolve declines: so does gather
+    assert gather(bufs + [b"not an item"], [(bytearray(13 * 32), 0, 32)], 32, resolve) is None  # not common
+    with pytest.raises(ValueError) as exc:  # item 1's arrays would run past its payload
+        gather([bufs[0], bufs[1][:-1]], [(dest, 0, 32)], 32, resolve)
+    assert exc.value.args == (1,)
+    with pytest.raises(ValueError) as exc:  # a shift before the payload
+        gather(bufs, [(dest, 0, 32)], 32, lambda b, r: ({}, -1))
+    assert exc.value.args == (0,)
+    for copies, need in (([(bytearray(7), 0, 4)], 4), ([(dest, 2, 4)], 4)):  # too small; a copy past need
+        with pytest.raises(ValueError):
+            gather(bufs, copies, need, resolve)
+    with pytest.raises(ZeroDivisionError):
+        gather(bufs, [(dest, 0, 32)], 32, lambda b, r: 1 / 0)
+    with pytest.raises(TypeError):
+        gather(bufs, [(dest, 0, 32)], 32, lambda b, r: "not (fields, shift)")
+    many = items(300, label=lambda i: f"u{i}")  # more headers than it keeps apart: declined
+    assert gather(many, [(bytearray(300 * 32), 0, 32)], 32, lambda b, r: ({}, 0)) is None
+
+
+@needs_c
+def test_gather_takes_items_from_their_runs_as_from_their_slices():
+    found, indices = [(KEY, memoryview(RUN)), (KEY, RUN), (KEY, RUN)], [12, 10, 14]
+    bufs = [runs.item(RUN, 14, i) for i in indices]
+    copies = [bytearray(3 * 32), bytearray(3 * 32)]
+    metas = [C.gather(found, indices, [(d, 0, 32)], 32, lambda b, r: ({"b": b}, 0)) for d, (found, indices) in
+             zip(copies, [(found, indices), (bufs, None)])]
+    assert metas[0] == metas[1] and copies[0] == copies[1] and copies[0][:4] == np.float32(2).tobytes()  # item 12: the run's third
+    for bad in ([(KEY, RUN)] * 2 + [(KEY, RUN[:-1])],  # a run cut short
+                [(KEY, RUN)] * 2 + [((20).to_bytes(8, "big"), RUN)],  # a key whose run cannot hold item 14
+                [(KEY, RUN)] * 2 + [(KEY[:7], RUN)],  # a key not of 8 bytes
+                [(KEY, RUN)] * 2 + [None]):  # not found
+        assert C.gather(bad, indices, [(bytearray(3 * 32), 0, 32)], 32, lambda b, r: ({}, 0)) is None
+    with pytest.raises(TypeError):
+        C.gather(found, [12, 10, "14"], [(bytearray(3 * 32), 0, 32)], 32, lambda b, r: ({}, 0))
+    with pytest.raises(ValueError):
+        C.gather(found, [12, 10], [(bytearray(3 * 32), 0, 32)], 32, lambda b, r: ({}, 0))  # lengths differ
 
 
 @needs_c
@@ -197,6 +265,52 @@ def test_a_packed_database_reads_the_same_either_way(tmp_path, pure):
     got = [ds.source[i]["x"][0] for i in order], ds.__getitems__(order)
     assert want[0] == got[0] == [float(i) for i in order]
     assert all(np.array_equal(want[1][k], got[1][k]) for k in ("x", "label"))
+
+
+@needs_c
+def test_an_unverified_batch_of_a_packed_database_is_taken_straight_from_its_runs(tmp_path, monkeypatch):
+    path = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for i in range(200):
+            w.append({"x": np.full(64, i, np.float32), "label": i % 4})
+    taken = []
+    monkeypatch.setattr(lklayout, "_C", type("Spy", (), {
+        "head": staticmethod(C.head), "heads": staticmethod(C.heads), "copy_rows": staticmethod(C.copy_rows),
+        "gather": staticmethod(lambda items, indices, *a: taken.append((items, indices)) or
+                               C.gather(items, indices, *a))}))
+    sliced = []
+    monkeypatch.setattr(runs, "_C", type("Slices", (), {
+        "item_in_run": staticmethod(C.item_in_run),
+        "items_in_runs": staticmethod(lambda found, indices: sliced.extend(indices) or C.items_in_runs(found, indices))}))
+    order = [int(i) for i in np.random.default_rng(1).permutation(200)[:64]]
+    rows = lmdbkit.LMDBDataset(path, verify=False).__getitems__(order)
+    assert [r["x"][0].item() for r in rows] == order and [r["label"] for r in rows] == [i % 4 for i in order]
+    (items, indices), = taken  # the (key, run)s the lookups found, not slices of them
+    assert indices == order and all(type(f) is tuple and len(f) == 2 for f in items)
+    assert len(sliced) <= 5  # the layout's first item and the first of each of its 4 headers, no more
+
+
+@pytest.mark.parametrize("python", [False, True])
+def test_an_unverified_batch_names_an_item_its_run_cannot_hold(tmp_path, python, monkeypatch):
+    path = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(path) as w:
+        for i in range(60):
+            w.append({"x": np.full(256, i, np.float32), "label": i % 3})
+    import lmdb
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"items", txn=txn)
+        run = bytearray(txn.get((14).to_bytes(8, "big"), db=db))
+        run[16 + 4 * 4:16 + 4 * 5] = (len(run) + 8).to_bytes(4, "little")  # item 3 ends past its run
+        txn.put((14).to_bytes(8, "big"), bytes(run), db=db)
+    env.close()
+    if python:
+        for module in (runs, codec, lklayout, prefetch):
+            monkeypatch.setattr(module, "_C", None)
+    ds = lmdbkit.LMDBDataset(path, verify=False)
+    with pytest.raises(CorruptItemError, match=r"db\.lmdb: item 3: .*item 3 spans bytes"):
+        ds.__getitems__([40, 3, 41])
+    assert [r["x"][0].item() for r in ds.__getitems__([40, 2, 41])] == [40, 2, 41]
 
 
 @pytest.mark.parametrize("python", [False, True])
