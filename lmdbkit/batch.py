@@ -19,6 +19,7 @@ import operator
 from multiprocessing.reduction import ForkingPickler
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data._utils.collate import collate as _collate
 from torch.utils.data._utils.collate import default_collate_fn_map
@@ -204,8 +205,13 @@ def storage_views(*groups: dict, shared: bool) -> list[dict]:
 
 
 def batch_tensor(dtype: torch.dtype, shape: tuple, *, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor; in shared memory when asked (as default_collate allocates in workers)."""
+    """An uninitialised tensor; in shared memory when asked (as default_collate allocates in workers). A private
+    one is numpy's memory: numpy asks the kernel for huge pages for arrays of 4 MiB and more (``madvise``), and
+    copying a batch of 64 ~256 KiB items into 4 KiB pages took 1.85-2.20 ms against 1.48-1.60 into numpy's
+    (one process, this project's 2-core machine; a miss of the TLB every 4 KiB written)."""
     if not shared:
+        if dtype == torch.uint8:
+            return torch.from_numpy(np.empty(shape, np.uint8))
         return torch.empty(shape, dtype=dtype)
     elem = torch.empty(0, dtype=dtype)
     storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
