@@ -162,9 +162,11 @@ def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Call
     def resolve(b: int, r: bytes) -> tuple[dict, int] | None:
         """(fields, shift) of the header whose bytes after the key are ``r``, first met at item b."""
         hit = memo.seen.get(r)
-        if hit is not None and hit[1] == arrays0 and hit[0].keys() == keys0:
-            seen[r] = got = dict(hit[0]), 0  # (its items share this dict, which nothing changes)
-            return got
+        if hit is not None and hit[0].keys() == keys0:  # (items of 64 KiB+ differ in their arrays' alignment pad)
+            shift = 0 if hit[1] == arrays0 else _moved(hit[1], arrays0)
+            if shift is not None:
+                seen[r] = got = dict(hit[0]), shift  # (its items share this dict, which nothing changes)
+                return got
         if 4 * (len(done) + 1) > len(bufs):
             return None  # few items share a header: item by item
         if not one(b, True):
@@ -211,6 +213,18 @@ def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Call
         b = exc.args[0]
         raise _corrupt(f"arrays run past the {len(bufs[b]) - starts[b]}-byte payload") from None
     return [hit[0] for hit in hits]
+
+
+def _moved(arrays: list, arrays0: list) -> int | None:
+    """How far checked descriptors ``arrays`` lie from ``arrays0``: equal but for offsets all moved alike (another
+    alignment pad); None otherwise."""
+    if len(arrays) != len(arrays0) or not arrays:
+        return None
+    shift = arrays[0][4] - arrays0[0][4]
+    for a, a0 in zip(arrays, arrays0):
+        if a[:4] != a0[:4] or a[5:] != a0[5:] or a[4] - a0[4] != shift:
+            return None
+    return shift
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -359,6 +359,31 @@ def test_a_batch_takes_headers_the_decoder_met_before_without_msgpack(monkeypatc
     assert [m["label"] for m in _batch(second)[0]][:2] == [0, 1]
 
 
+@needs_c
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_batch_of_big_items_whose_pads_differ_takes_the_headers_met_before(verify, monkeypatch):
+    import msgpack
+
+    def big(lo, hi):  # ~72 KiB items: their arrays' alignment pad follows the key's length
+        return [codec.encode({"x": np.full(18_000, i, np.float32), "label": i % 3}, "k" * (1 + i % 7))
+                for i in range(lo, hi)]
+
+    def batch(bufs):
+        dest = {"x": np.zeros((len(bufs), 18_000), np.float32)}
+        return lklayout.decode_layout(bufs, lklayout.batch_layout(bufs), dest, verify=verify), dest["x"]
+    first, second = big(0, 42), big(42, 84)  # the same 21 headers (3 labels x 7 pads) but for the keys
+    assert len({C.head(b)[3] for b in first}) == 21 and {C.head(b)[0] % 64 for b in first} != {0}
+    for _ in range(3):  # a batch learns the headers of up to a quarter of its items
+        batch(first)
+    calls = []
+    real = msgpack.unpackb
+    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    metas, x = batch(second)
+    assert len(calls) == 1  # the batch's layout, from its first item; the items themselves: none
+    assert [m["label"] for m in metas] == [i % 3 for i in range(42, 84)]
+    assert x[:, 0].tolist() == list(range(42, 84)) and x[:, -1].tolist() == list(range(42, 84))
+
+
 @pytest.mark.parametrize("lookups", ["C", "python"])
 def test_timed_lookups_stop_after_the_first_slow_one_and_pass_errors_on(lookups):
     import time
