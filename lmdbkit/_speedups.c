@@ -17,12 +17,19 @@
 #include <string.h>
 #include <time.h>
 
+#define XXH_INLINE_ALL /* xxHash 0.8.2 (lmdbkit/_vendor, BSD 2-clause): the checksums python-xxhash computes */
+#include "xxhash.h"
+
 #define HEAD_SIZE 16   /* a run's head, and an item's prefix: the same size */
 #define RUN_VERSION 2
 #define ITEM_VERSION 1
 
 static uint32_t u32le(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t u64le(const unsigned char *p) {
+    return (uint64_t)u32le(p) | (uint64_t)u32le(p + 4) << 32;
 }
 
 /* Where item j of ``run`` (len bytes) starts and ends; 0 when the run's head or table does not allow it. */
@@ -162,7 +169,7 @@ static int item_head(const unsigned char *p, Py_ssize_t len, Py_ssize_t *start, 
     if (s > len || (*at = after_key(p, s)) == 0)
         return 0;
     *start = s;
-    *stored = (unsigned long long)u32le(p + 8) | (unsigned long long)u32le(p + 12) << 32;
+    *stored = u64le(p + 8);
     return 1;
 }
 
@@ -181,123 +188,6 @@ static PyObject *head(PyObject *Py_UNUSED(self), PyObject *arg) {
         out = (Py_INCREF(Py_None), Py_None);
     PyBuffer_Release(&v);
     return out;
-}
-
-/* heads(bufs) -> (starts, rests, checksums): for each item, where its payload starts, its header's bytes
- * after the key (the key of the header memo) and its stored checksum; start -1 and rest and checksum None
- * for an item whose prefix or header is not the common case (decode that one in Python). */
-static PyObject *heads(PyObject *Py_UNUSED(self), PyObject *arg) {
-    if (!PyList_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "heads() takes a list of buffers");
-        return NULL;
-    }
-    Py_ssize_t count = PyList_GET_SIZE(arg);
-    PyObject *starts = PyList_New(count), *rests = PyList_New(count), *sums = PyList_New(count);
-    if (starts == NULL || rests == NULL || sums == NULL)
-        goto fail;
-    for (Py_ssize_t k = 0; k < count; k++) {
-        Py_buffer v;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(arg, k), &v, PyBUF_SIMPLE) < 0)
-            goto fail;
-        const unsigned char *p = v.buf;
-        Py_ssize_t start, at;
-        unsigned long long stored;
-        PyObject *st, *rest, *sum;
-        if (item_head(p, v.len, &start, &at, &stored)) {
-            st = PyLong_FromSsize_t(start);
-            rest = PyBytes_FromStringAndSize((const char *)p + at, start - at);
-            sum = PyLong_FromUnsignedLongLong(stored);
-        } else {
-            st = PyLong_FromLong(-1);
-            rest = (Py_INCREF(Py_None), Py_None);
-            sum = (Py_INCREF(Py_None), Py_None);
-        }
-        PyBuffer_Release(&v);
-        if (st == NULL || rest == NULL || sum == NULL) {
-            Py_XDECREF(st);
-            Py_XDECREF(rest);
-            Py_XDECREF(sum);
-            goto fail;
-        }
-        PyList_SET_ITEM(starts, k, st);
-        PyList_SET_ITEM(rests, k, rest);
-        PyList_SET_ITEM(sums, k, sum);
-    }
-    PyObject *out = PyTuple_Pack(3, starts, rests, sums);
-    Py_DECREF(starts);
-    Py_DECREF(rests);
-    Py_DECREF(sums);
-    return out;
-fail:
-    Py_XDECREF(starts);
-    Py_XDECREF(rests);
-    Py_XDECREF(sums);
-    return NULL;
-}
-
-/* copy_rows(bufs, ats, copies, need) -> None: for each item b, copy, for each
- * (destination, offset, length) in ``copies``, bufs[b][ats[b] + offset:][:length] into the destination's
- * bytes [b * length, (b + 1) * length). ats[b] None skips item b. ValueError(b) for the first item whose
- * arrays would run past its buffer (ats[b] + need > its length); the destinations are checked first. */
-static PyObject *copy_rows(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *bufs, *ats, *copies;
-    Py_ssize_t need;
-    if (!PyArg_ParseTuple(args, "O!O!O!n", &PyList_Type, &bufs, &PyList_Type, &ats, &PyList_Type, &copies, &need))
-        return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(bufs), ncopies = PyList_GET_SIZE(copies);
-    if (PyList_GET_SIZE(ats) != count || need < 0 || ncopies > 64) {
-        PyErr_SetString(PyExc_ValueError, "copy_rows: inconsistent arguments");
-        return NULL;
-    }
-    Py_buffer dest[64];
-    Py_ssize_t off[64], len[64];
-    Py_ssize_t held = 0;
-    for (; held < ncopies; held++) {
-        PyObject *c = PyList_GET_ITEM(copies, held);
-        if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 3) {
-            PyErr_SetString(PyExc_TypeError, "copy_rows: copies are (destination, offset, length)");
-            goto fail;
-        }
-        off[held] = PyLong_AsSsize_t(PyTuple_GET_ITEM(c, 1));
-        len[held] = PyLong_AsSsize_t(PyTuple_GET_ITEM(c, 2));
-        if (PyErr_Occurred())
-            goto fail;
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(c, 0), &dest[held], PyBUF_WRITABLE) < 0)
-            goto fail;
-        if (off[held] < 0 || len[held] < 0 || off[held] + len[held] > need || dest[held].len < count * len[held]) {
-            PyBuffer_Release(&dest[held]);
-            PyErr_SetString(PyExc_ValueError, "copy_rows: a destination too small or a copy past need");
-            goto fail;
-        }
-    }
-    for (Py_ssize_t b = 0; b < count; b++) {
-        PyObject *at_obj = PyList_GET_ITEM(ats, b);
-        if (at_obj == Py_None)
-            continue;
-        Py_ssize_t at = PyLong_AsSsize_t(at_obj);
-        if (at == -1 && PyErr_Occurred())
-            goto fail;
-        Py_buffer v;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(bufs, b), &v, PyBUF_SIMPLE) < 0)
-            goto fail;
-        if (at < 0 || at + need > v.len) {
-            PyBuffer_Release(&v);
-            PyObject *pos = PyLong_FromSsize_t(b);
-            PyErr_SetObject(PyExc_ValueError, pos);
-            Py_XDECREF(pos);
-            goto fail;
-        }
-        for (Py_ssize_t c = 0; c < ncopies; c++)
-            memcpy((char *)dest[c].buf + b * len[c], (const char *)v.buf + at + off[c], len[c]);
-        PyBuffer_Release(&v);
-    }
-    while (held > 0)
-        PyBuffer_Release(&dest[--held]);
-    Py_RETURN_NONE;
-fail:
-    while (held > 0)
-        PyBuffer_Release(&dest[--held]);
-    return NULL;
 }
 
 /* A batch's distinct headers (each item's header bytes after its key), found again by their hash in an
@@ -326,11 +216,11 @@ static uint64_t hash_bytes(const unsigned char *p, Py_ssize_t n) {
 }
 
 /* Item k of a batch for gather: ``items[k]`` itself (a buffer), or with ``indices`` the bytes of item
- * indices[k] in the (key, run) items[k] that a ranged lookup found for it (found_span). Fills *v (release it)
- * and sets *p, *len to the item's bytes; 1 on success, 0 when a run does not hold it as the common case has it,
- * -1 with an exception set. */
-static int batch_item(PyObject *items, PyObject *indices, Py_ssize_t k, Py_buffer *v, const unsigned char **p,
-                      Py_ssize_t *len) {
+ * indices[k] in the (key, run) items[k] that a ranged lookup found for it (found_span; ``verify``: its run's table
+ * of starts checked against its checksum). Fills *v (release it) and sets *p, *len to the item's bytes; 1 on
+ * success, 0 when a run does not hold it as the common case has it, -1 with an exception set. */
+static int batch_item(PyObject *items, PyObject *indices, Py_ssize_t k, int verify, Py_buffer *v,
+                      const unsigned char **p, Py_ssize_t *len) {
     PyObject *f = PyList_GET_ITEM(items, k);
     if (indices == Py_None) {
         if (PyObject_GetBuffer(f, v, PyBUF_SIMPLE) < 0)
@@ -346,26 +236,34 @@ static int batch_item(PyObject *items, PyObject *indices, Py_ssize_t k, Py_buffe
     int ok = found_span(f, i, v, &start, &end);
     if (ok != 1)
         return ok;
-    *p = (const unsigned char *)v->buf + start;
+    const unsigned char *run = v->buf; /* found_span checked that its head and table fit */
+    if (verify && XXH3_64bits(run + HEAD_SIZE, 4 * ((size_t)u32le(run + 4) + 1)) != u64le(run + 8)) {
+        PyBuffer_Release(v);
+        return 0; /* its table of starts does not match its checksum */
+    }
+    *p = run + start;
     *len = end - start;
     return 1;
 }
 
-/* gather(items, indices, copies, need, resolve) -> list | None: decode_layout's common case in one pass over
- * a batch's items (``batch_item``: buffers, or with ``indices`` items in their runs). For each item b: its
- * prefix and header as head() takes them; the first item of each distinct header (its bytes after the key) is
- * passed to resolve(b, rest), which returns (fields, shift) for a header that matches the batch's layout (its
- * items' arrays lie ``shift`` bytes from the first item's), or None; then each (destination, offset, length)
- * in ``copies`` is copied from the item's bytes [start + shift + offset:][:length] into the destination's bytes
- * [b * length, (b + 1) * length), as copy_rows does. Returns each item's fields (the items of a header share
- * its fields object), or None as soon as an item is not the common case (a run, prefix or header not laid out
- * as lmdbkit writes it, more than GROUPS_MAX headers) or resolve returns None: the rows filled so far are then
- * overwritten by whoever takes the batch item by item. ValueError(b) for the first item whose arrays would
- * run outside its payload; resolve's exceptions pass on. */
+/* gather(items, indices, copies, need, resolve, verify=False) -> list | None: decode_layout's common case in one
+ * pass over a batch's items (``batch_item``: buffers, or with ``indices`` items in their runs). For each item b:
+ * its prefix and header as head() takes them, and with ``verify`` its checksum (and its run's table's); the
+ * first item of each distinct header (its bytes after the key) is passed to resolve(b, rest), which returns
+ * (fields, shift) for a header that matches the batch's layout (its items' arrays lie ``shift`` bytes from the
+ * first item's), or None; then each (destination, offset, length) in ``copies`` is copied from the item's
+ * bytes [start + shift + offset:][:length] into the destination's bytes [b * length, (b + 1) * length).
+ * Returns each item's fields (the items of a header share its fields object), or None as soon as an item is
+ * not the common case (a run, prefix or header not laid out as lmdbkit writes it, a checksum that does not
+ * match, more than GROUPS_MAX headers) or resolve returns None: the rows filled so far are then overwritten by
+ * whoever takes the batch item by item (and names what is wrong). ValueError(b) for the first item whose arrays
+ * would run outside its payload; resolve's exceptions pass on. */
 static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *items, *indices, *copies, *resolve;
     Py_ssize_t need;
-    if (!PyArg_ParseTuple(args, "O!OO!nO", &PyList_Type, &items, &indices, &PyList_Type, &copies, &need, &resolve))
+    int verify = 0;
+    if (!PyArg_ParseTuple(args, "O!OO!nO|p", &PyList_Type, &items, &indices, &PyList_Type, &copies, &need, &resolve,
+                          &verify))
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(items), ncopies = PyList_GET_SIZE(copies);
     if (need < 0 || ncopies > 64 || (indices != Py_None && (!PyList_Check(indices)
@@ -407,14 +305,14 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
         const unsigned char *p;
         Py_ssize_t size, start, at;
         unsigned long long stored;
-        int got_item = batch_item(items, indices, b, &v, &p, &size);
+        int got_item = batch_item(items, indices, b, verify, &v, &p, &size);
         if (got_item < 0)
             goto fail;
         if (got_item == 0)
             goto decline;
-        if (!item_head(p, size, &start, &at, &stored)) {
+        if (!item_head(p, size, &start, &at, &stored) || (verify && XXH3_64bits(p + HEAD_SIZE, size - HEAD_SIZE) != stored)) {
             PyBuffer_Release(&v);
-            goto decline;
+            goto decline; /* (a checksum that does not match too: Python names the item) */
         }
         uint64_t h = hash_bytes(p + at, start - at);
         Py_ssize_t slot = (Py_ssize_t)(h & (SLOTS - 1));
@@ -459,7 +357,7 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
             g->shift = shift;
             Py_DECREF(got);
             slots[slot] = (int16_t)ngroups++;
-            got_item = batch_item(items, indices, b, &v, &p, &size); /* (taken a moment ago: 1) */
+            got_item = batch_item(items, indices, b, 0, &v, &p, &size); /* (taken a moment ago: 1) */
             if (got_item < 0)
                 goto fail;
             if (got_item == 0)
@@ -544,8 +442,6 @@ static PyMethodDef methods[] = {
     {"item_in_run", item_in_run, METH_VARARGS, "An item's bytes in the (key, run) found for it."},
     {"items_in_runs", items_in_runs, METH_VARARGS, "Each index's item bytes in the (key, run) found for it."},
     {"head", head, METH_O, "(payload start, checksum, key end, header bytes after the key) of an item."},
-    {"heads", heads, METH_O, "(payload starts, header bytes after the key, checksums) of each item."},
-    {"copy_rows", copy_rows, METH_VARARGS, "Copy each item's arrays into its rows of the destinations."},
     {"gather", gather, METH_VARARGS, "A batch's headers grouped, resolved once each, and its arrays copied."},
     {"timed_lookups", timed_lookups, METH_VARARGS, "take() if find(key) else None for each key, each timed."},
     {NULL, NULL, 0, NULL},

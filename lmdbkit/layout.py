@@ -4,8 +4,8 @@ one destination array per field (a batch tensor), the items' headers checked aga
 Items of one schema have the same fields and array descriptors, so a batch checks each item's header against
 its first item's (``Layout``) instead of checking each descriptor again, and items whose header repeats but
 for the key (a label, a category) share what was made of it. With ``speedups.C`` the items of a header met
-before are bounds-checked and copied in C, all together (``_in_c``): an unverified batch in one pass, taken
-straight from the runs of a packed database (``runs.InRuns``). ``lmdbkit.batch`` builds its blocks on this;
+before are checked (bounds, and checksums when verified) and copied in C, all together in one pass
+(``_in_c``), straight from the runs of a packed database (``runs.InRuns``). ``lmdbkit.batch`` builds its blocks on this;
 the item format itself is ``codec``'s.
 """
 
@@ -151,12 +151,13 @@ class _Differs(Exception):
 def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Callable[[int, bool], bool],
           seen: dict) -> list | bool | None:
     """decode_layout's items in C (``speedups``) when most share a flat header but for their key. A header the
-    decoder's memo (``headers``) holds with the layout's very descriptors costs nothing more; the first item
+    decoder's memo (``headers``) holds with the layout's descriptors (or with their offsets moved alike:
+    another alignment pad) costs nothing more; the first item
     of each other header is decoded by ``one`` (which keeps it in ``seen``; the memo keeps it too). Every
     other item is then checked against its buffer's length (and its checksum where ``checks`` asks) and
-    copied into its rows in C: unverified, in one pass over the batch (``C.gather``), else after the
-    checksums (``C.copy_rows``). Returns their fields, False when an item's layout differs, or None to go on
-    item by item (headers that do not repeat, or nested ones; the items ``one`` decoded are done)."""
+    copied into its rows, in one pass over the batch in C (``C.gather``). Returns their fields, False when an
+    item's layout differs, or None to go on item by item (headers that do not repeat, or nested ones, a
+    checksum that does not match, which Python then names; the items ``one`` decoded are done)."""
     memo, keys0, arrays0, done = _MEMO, layout.first.keys(), layout.arrays, []
 
     def resolve(b: int, r: bytes) -> tuple[dict, int] | None:
@@ -177,42 +178,18 @@ def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Call
             memo.keep(r, got[0], [(*d[:4], d[4] + got[1], *d[5:]) for d in arrays0])
         return got
 
-    try:
-        if True not in checks:  # (a batch left in its runs is taken from them)
-            if type(bufs) is InRuns:
-                return _C.gather(bufs.found, bufs.indices, plain, layout.need, resolve)
-            return _C.gather(bufs if type(bufs) is list else list(bufs), None, plain, layout.need, resolve)
-        bufs = bufs.items() if type(bufs) is InRuns else bufs
-        starts, rests, stored = _C.heads(bufs)
-        if None in rests:
-            return None
-        hits = []
-        for b, r in enumerate(rests):
-            got = seen.get(r)
-            if got is None:
-                got = resolve(b, r)
-                if got is None:
-                    return None
-            hits.append(got)
+    if True in checks and False in checks:
+        return None  # (items of databases verified and not: item by item)
+    try:  # (a batch left in its runs is taken from them)
+        items, indices = (bufs.found, bufs.indices) if type(bufs) is InRuns else (list(bufs), None)
+        return _C.gather(items, indices, plain, layout.need, resolve, True in checks)
     except _Differs:
         return False
-    except ValueError as exc:  # (from gather) item b's arrays would run outside its payload
+    except ValueError as exc:  # item b's arrays would run outside its payload
         b = exc.args[0]
         if type(b) is not int:
             raise
         raise _corrupt(f"arrays run past the {len(bufs[b]) - _C.head(bufs[b])[0]}-byte payload") from None
-    hash64 = xxhash.xxh3_64_intdigest
-    if any(want and hash64(memoryview(buf)[PREFIX_SIZE:]) != s for buf, s, want in zip(bufs, stored, checks)):
-        raise _corrupt("checksum mismatch")
-    ats = [start + hit[1] for start, hit in zip(starts, hits)]  # where the first item's offsets point in each
-    for b in done:
-        ats[b] = None  # done by ``one``
-    try:
-        _C.copy_rows(bufs, ats, plain, layout.need)  # the one copy of each array
-    except ValueError as exc:
-        b = exc.args[0]
-        raise _corrupt(f"arrays run past the {len(bufs[b]) - starts[b]}-byte payload") from None
-    return [hit[0] for hit in hits]
 
 
 def _moved(arrays: list, arrays0: list) -> int | None:

@@ -179,7 +179,7 @@ class InRuns:
     __slots__ = ("found", "indices", "_take", "_items")
 
     def __init__(self, found: list, indices: list[int], take: Callable[[list, list], list]):
-        self.found, self.indices, self._take, self._items = found, indices, take, None
+        self.found, self.indices, self._take, self._items = found, list(indices), take, None
 
     def items(self) -> list[memoryview]:
         if self._items is None:

@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -110,31 +111,16 @@ def test_an_items_head_is_pythons_for_any_bytes(valid, flips, cut):
     for pos, val in flips:
         data[pos % len(data)] = val
     data = bytes(data[:cut % (len(data) + 1)])
-    assert C.head(data) == codec._head(data)
-    want = [codec._head(data), codec._head(valid)]
-    assert C.heads([data, valid]) == ([-1 if h is None else h[0] for h in want],
-                                      [None if h is None else h[3] for h in want],
-                                      [None if h is None else h[1] for h in want])
-
-
-@needs_c
-def test_copy_rows_copies_each_items_arrays_and_checks_every_bound():
-    bufs = [bytes(range(40)), bytes(range(100, 140))]
-    dest = bytearray(8)
-    C.copy_rows(bufs, [4, 10], [(dest, 2, 4)], 6)
-    assert bytes(dest) == bytes([6, 7, 8, 9, 112, 113, 114, 115])
-    C.copy_rows(bufs, [None, 0], [(dest, 0, 4)], 4)  # None: skipped
-    assert bytes(dest) == bytes([6, 7, 8, 9, 100, 101, 102, 103])
-    with pytest.raises(ValueError) as exc:
-        C.copy_rows(bufs, [0, 35], [(dest, 0, 4)], 6)  # item 1's arrays would run past its 40 bytes
-    assert exc.value.args == (1,)
-    for ats, copies, need in (([-1, 0], [(dest, 0, 4)], 4),  # before the buffer
-                              ([0, 0], [(bytearray(7), 0, 4)], 4),  # a destination too small
-                              ([0, 0], [(dest, 2, 4)], 4)):  # a copy past need
-        with pytest.raises(ValueError):
-            C.copy_rows(bufs, ats, copies, need)
-    with pytest.raises(BufferError):
-        C.copy_rows(bufs, [0, 0], [(bytes(8), 0, 4)], 4)  # read-only destination
+    head = codec._head(data)
+    assert C.head(data) == head
+    for verify in (False, True):  # gather takes what Python takes as the common case, and nothing else
+        try:
+            got = C.gather([valid, data], None, [(bytearray(64), 0, 32)], 32, lambda b, r: ({}, 0), verify)
+        except ValueError as exc:  # its arrays would run past its payload
+            assert exc.args == (1,) and head is not None and head[0] + 32 > len(data)
+            continue
+        intact = head is not None and (not verify or xxhash.xxh3_64_intdigest(data[16:]) == head[1])
+        assert (got is not None) == intact
 
 
 def _batch(bufs, verify=False):
@@ -166,17 +152,13 @@ def test_a_batch_decodes_in_c_as_in_python(case, verify, monkeypatch):
             calls.append(f"{name} declined" if out is None and name == "gather" else name)
             return out
         return staticmethod(call)
-    monkeypatch.setattr(lklayout, "_C", type("Spy", (), {"head": staticmethod(C.head), "heads": spy("heads"),
-                                                         "copy_rows": spy("copy_rows"), "gather": spy("gather")}))
+    monkeypatch.setattr(lklayout, "_C", type("Spy", (), {"head": staticmethod(C.head), "gather": spy("gather")}))
     metas, x = _batch(bufs, verify)
     monkeypatch.setattr(lklayout, "_C", None)
     want, want_x = _batch(bufs, verify)
     assert metas == want and np.array_equal(x, want_x) and x[:, 0].tolist() == list(range(40))
     in_c = case not in ("unique", "nested")  # (headers that do not repeat, or nested ones: item by item)
-    if verify:  # the checksums first, then the copies
-        assert calls == (["heads", "copy_rows"] if in_c else ["heads"])
-    else:  # one pass
-        assert calls == (["gather"] if in_c else ["gather declined"])
+    assert calls == (["gather"] if in_c else ["gather declined"])  # one pass, verified or not
 
 
 @needs_c
@@ -207,6 +189,8 @@ def test_gather_copies_each_items_arrays_resolves_each_header_once_and_checks_ev
     for copies, need in (([(bytearray(7), 0, 4)], 4), ([(dest, 2, 4)], 4)):  # too small; a copy past need
         with pytest.raises(ValueError):
             gather(bufs, copies, need, resolve)
+    with pytest.raises(BufferError):
+        gather(bufs, [(bytes(12 * 32), 0, 32)], 32, resolve)  # a read-only destination
     with pytest.raises(ZeroDivisionError):
         gather(bufs, [(dest, 0, 32)], 32, lambda b, r: 1 / 0)
     with pytest.raises(TypeError):
@@ -228,6 +212,14 @@ def test_gather_takes_items_from_their_runs_as_from_their_slices():
                 [(KEY, RUN)] * 2 + [(KEY[:7], RUN)],  # a key not of 8 bytes
                 [(KEY, RUN)] * 2 + [None]):  # not found
         assert C.gather(bad, indices, [(bytearray(3 * 32), 0, 32)], 32, lambda b, r: ({}, 0)) is None
+    flipped_table, flipped_item = bytearray(RUN), bytearray(RUN)
+    flipped_table[8] ^= 1  # the checksum of the table of starts no longer matches it
+    flipped_item[-1] ^= 1  # the last byte of item 14's payload
+    for run in (bytes(flipped_table), bytes(flipped_item)):
+        found = [(KEY, RUN), (KEY, RUN), (KEY, run)]
+        for verify in (False, True):  # verified, declined (Python names it); unverified, taken as it is
+            got = C.gather(found, indices, [(bytearray(3 * 32), 0, 32)], 32, lambda b, r: ({}, 0), verify)
+            assert (got is None) == verify
     with pytest.raises(TypeError):
         C.gather(found, [12, 10, "14"], [(bytearray(3 * 32), 0, 32)], 32, lambda b, r: ({}, 0))
     with pytest.raises(ValueError):
@@ -275,7 +267,7 @@ def test_an_unverified_batch_of_a_packed_database_is_taken_straight_from_its_run
             w.append({"x": np.full(64, i, np.float32), "label": i % 4})
     taken = []
     monkeypatch.setattr(lklayout, "_C", type("Spy", (), {
-        "head": staticmethod(C.head), "heads": staticmethod(C.heads), "copy_rows": staticmethod(C.copy_rows),
+        "head": staticmethod(C.head),
         "gather": staticmethod(lambda items, indices, *a: taken.append((items, indices)) or
                                C.gather(items, indices, *a))}))
     sliced = []
