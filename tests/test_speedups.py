@@ -282,8 +282,8 @@ def test_an_unverified_batch_of_a_packed_database_is_taken_straight_from_its_run
     assert len(sliced) <= 5  # the layout's first item and the first of each of its 4 headers, no more
 
 
-@pytest.mark.parametrize("python", [False, True])
-def test_an_unverified_batch_names_an_item_its_run_cannot_hold(tmp_path, python, monkeypatch):
+def _packed_with(tmp_path, damage: dict):
+    """A packed database of 60 items (runs of 15, keyed 14, 29, 44, 59), ``damage[key](run)`` done to those runs."""
     path = tmp_path / "db.lmdb"
     with lmdbkit.Writer(path) as w:
         for i in range(60):
@@ -292,10 +292,19 @@ def test_an_unverified_batch_names_an_item_its_run_cannot_hold(tmp_path, python,
     env = lmdb.open(str(path), max_dbs=16)
     with env.begin(write=True) as txn:
         db = env.open_db(b"items", txn=txn)
-        run = bytearray(txn.get((14).to_bytes(8, "big"), db=db))
-        run[16 + 4 * 4:16 + 4 * 5] = (len(run) + 8).to_bytes(4, "little")  # item 3 ends past its run
-        txn.put((14).to_bytes(8, "big"), bytes(run), db=db)
+        for last, change in damage.items():
+            run = bytearray(txn.get(last.to_bytes(8, "big"), db=db))
+            change(run)
+            txn.put(last.to_bytes(8, "big"), bytes(run), db=db)
     env.close()
+    return path
+
+
+@pytest.mark.parametrize("python", [False, True])
+def test_an_unverified_batch_names_an_item_its_run_cannot_hold(tmp_path, python, monkeypatch):
+    def past_its_run(run):
+        run[16 + 4 * 4:16 + 4 * 5] = (len(run) + 8).to_bytes(4, "little")  # item 3 ends past its run
+    path = _packed_with(tmp_path, {14: past_its_run})
     if python:
         for module in (runs, codec, lklayout, prefetch):
             monkeypatch.setattr(module, "_C", None)
@@ -307,21 +316,12 @@ def test_an_unverified_batch_names_an_item_its_run_cannot_hold(tmp_path, python,
 
 @pytest.mark.parametrize("python", [False, True])
 def test_a_verified_batch_still_names_a_damaged_table_or_item(tmp_path, python, monkeypatch):
-    path = tmp_path / "db.lmdb"
-    with lmdbkit.Writer(path) as w:
-        for i in range(60):
-            w.append({"x": np.full(256, i, np.float32), "label": i % 3})
-    import lmdb
-    env = lmdb.open(str(path), max_dbs=16)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"items", txn=txn)
-        run = bytearray(txn.get((14).to_bytes(8, "big"), db=db))
+    def moved_end(run):
         run[16 + 4 * 4:16 + 4 * 5] = run[16 + 4 * 6:16 + 4 * 7]  # item 3's end moved onto item 5's
-        txn.put((14).to_bytes(8, "big"), bytes(run), db=db)
-        run = bytearray(txn.get((29).to_bytes(8, "big"), db=db))
+
+    def flipped(run):
         run[-1] ^= 1  # the last byte of item 29's payload
-        txn.put((29).to_bytes(8, "big"), bytes(run), db=db)
-    env.close()
+    path = _packed_with(tmp_path, {14: moved_end, 29: flipped})
     if python:
         monkeypatch.setattr(runs, "_C", None)
         monkeypatch.setattr(codec, "_C", None)
