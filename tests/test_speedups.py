@@ -335,14 +335,19 @@ def test_a_verified_batch_still_names_a_damaged_table_or_item(tmp_path, python, 
     assert lmdbkit.LMDBDataset(path, verify=False).__getitems__([29])[0]["x"][-1] != 29  # unverified: read as it is
 
 
+def _unpacks(monkeypatch) -> list:
+    """msgpack.unpackb's calls from here on."""
+    import msgpack
+    calls, real = [], msgpack.unpackb
+    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @needs_c
 def test_a_batch_takes_headers_the_decoder_met_before_without_msgpack(monkeypatch):
-    import msgpack
     first, second = items(30), items(60)[30:]  # the same three headers but for the keys
     _batch(first)
-    calls = []
-    real = msgpack.unpackb
-    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _unpacks(monkeypatch)
     metas, x = _batch(second)
     assert len(calls) == 1  # the batch's layout, from its first item; the items themselves: none
     assert [m["label"] for m in metas] == [i % 3 for i in range(30, 60)]
@@ -354,8 +359,6 @@ def test_a_batch_takes_headers_the_decoder_met_before_without_msgpack(monkeypatc
 @needs_c
 @pytest.mark.parametrize("verify", [False, True])
 def test_a_batch_of_big_items_whose_pads_differ_takes_the_headers_met_before(verify, monkeypatch):
-    import msgpack
-
     def big(lo, hi):  # ~72 KiB items: their arrays' alignment pad follows the key's length
         return [codec.encode({"x": np.full(18_000, i, np.float32), "label": i % 3}, "k" * (1 + i % 7))
                 for i in range(lo, hi)]
@@ -367,9 +370,7 @@ def test_a_batch_of_big_items_whose_pads_differ_takes_the_headers_met_before(ver
     assert len({C.head(b)[3] for b in first}) == 21 and {C.head(b)[0] % 64 for b in first} != {0}
     for _ in range(3):  # a batch learns the headers of up to a quarter of its items
         batch(first)
-    calls = []
-    real = msgpack.unpackb
-    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _unpacks(monkeypatch)
     metas, x = batch(second)
     assert len(calls) == 1  # the batch's layout, from its first item; the items themselves: none
     assert [m["label"] for m in metas] == [i % 3 for i in range(42, 84)]
