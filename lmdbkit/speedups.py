@@ -3,8 +3,8 @@
 ``make setup`` (``pip install -e .``) builds it with the system's C compiler; without one the install goes on
 and lmdbkit reads in pure Python, as it does with ``LMDBKIT_PURE_PYTHON=1``. The extension takes only the
 common case of each step (an item's bytes in its run, its prefix and header key, a warm batch's timed run
-lookups, the copy of a batch's arrays into their rows, and an unverified batch's items grouped by header and
-copied in one pass), checking every offset against its buffer; whatever
+lookups, and a batch's items grouped by header, checked (their checksums too, when verified) and copied into
+their rows in one pass), checking every offset against its buffer; whatever
 it does not take, Python takes the same way as without it, and names what is wrong (``CorruptItemError``).
 """
 
