@@ -310,7 +310,8 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
             goto fail;
         if (got_item == 0)
             goto decline;
-        if (!item_head(p, size, &start, &at, &stored) || (verify && XXH3_64bits(p + HEAD_SIZE, size - HEAD_SIZE) != stored)) {
+        if (!item_head(p, size, &start, &at, &stored)
+            || (verify && XXH3_64bits(p + HEAD_SIZE, (size_t)(size - HEAD_SIZE)) != stored)) {
             PyBuffer_Release(&v);
             goto decline; /* (a checksum that does not match too: Python names the item) */
         }
@@ -319,7 +320,8 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
         group_t *g = NULL;
         while (slots[slot] >= 0) {
             group_t *c = &groups[slots[slot]];
-            if (PyBytes_GET_SIZE(c->rest) == start - at && memcmp(PyBytes_AS_STRING(c->rest), p + at, start - at) == 0) {
+            if (PyBytes_GET_SIZE(c->rest) == start - at
+                && memcmp(PyBytes_AS_STRING(c->rest), p + at, (size_t)(start - at)) == 0) {
                 g = c;
                 break;
             }

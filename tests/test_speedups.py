@@ -206,7 +206,8 @@ def test_gather_takes_items_from_their_runs_as_from_their_slices():
     copies = [bytearray(3 * 32), bytearray(3 * 32)]
     metas = [C.gather(found, indices, [(d, 0, 32)], 32, lambda b, r: ({"b": b}, 0)) for d, (found, indices) in
              zip(copies, [(found, indices), (bufs, None)])]
-    assert metas[0] == metas[1] and copies[0] == copies[1] and copies[0][:4] == np.float32(2).tobytes()  # item 12: the run's third
+    assert metas[0] == metas[1] and copies[0] == copies[1]
+    assert copies[0][:4] == np.float32(2).tobytes()  # item 12: the run's third
     for bad in ([(KEY, RUN)] * 2 + [(KEY, RUN[:-1])],  # a run cut short
                 [(KEY, RUN)] * 2 + [((20).to_bytes(8, "big"), RUN)],  # a key whose run cannot hold item 14
                 [(KEY, RUN)] * 2 + [(KEY[:7], RUN)],  # a key not of 8 bytes
@@ -273,7 +274,8 @@ def test_an_unverified_batch_of_a_packed_database_is_taken_straight_from_its_run
     sliced = []
     monkeypatch.setattr(runs, "_C", type("Slices", (), {
         "item_in_run": staticmethod(C.item_in_run),
-        "items_in_runs": staticmethod(lambda found, indices: sliced.extend(indices) or C.items_in_runs(found, indices))}))
+        "items_in_runs": staticmethod(lambda found, indices: sliced.extend(indices) or
+                                      C.items_in_runs(found, indices))}))
     order = [int(i) for i in np.random.default_rng(1).permutation(200)[:64]]
     rows = lmdbkit.LMDBDataset(path, verify=False).__getitems__(order)
     assert [r["x"][0].item() for r in rows] == order and [r["label"] for r in rows] == [i % 4 for i in order]
