@@ -721,17 +721,22 @@ def _numpy_bf16(arr: np.ndarray, name: str) -> np.ndarray:
 # -- descriptors moved alike (used by _checked_like_last here and by lmdbkit.layout) --------------------
 
 def _shift(arrays: list, stored0: list) -> int | None:
-    """How far an item's arrays lie from the first item's, when its descriptors equal the first's except for
-    offsets all moved alike (by a different alignment pad, see ``_aligned``); None otherwise."""
-    if type(arrays) is not list or len(arrays) != len(stored0):
+    """How far an item's arrays lie from the first item's, when its descriptors (as stored: not yet checked)
+    equal the first's except for offsets all moved alike (by a different alignment pad, see ``_aligned``);
+    None otherwise."""
+    if type(arrays) is not list or any(type(a) is not list or len(a) != 7 or type(a[4]) is not int for a in arrays):
         return None
-    shift = None
-    for a, a0 in zip(arrays, stored0):
-        if type(a) is not list or len(a) != 7 or type(a[4]) is not int or a[:4] != a0[:4] or a[5:] != a0[5:]:
-            return None
-        if shift is None:
-            shift = a[4] - a0[4]
-        elif a[4] - a0[4] != shift:
+    return moved(arrays, stored0)
+
+
+def moved(arrays: list, arrays0: list) -> int | None:
+    """How far descriptors ``arrays`` lie from ``arrays0`` (stored or checked alike), when they are equal but for
+    their offsets, all moved alike (another alignment pad); None otherwise (and for none)."""
+    if len(arrays) != len(arrays0) or not arrays:
+        return None
+    shift = arrays[0][4] - arrays0[0][4]
+    for a, a0 in zip(arrays, arrays0):
+        if a[:4] != a0[:4] or a[5:] != a0[5:] or a[4] - a0[4] != shift:
             return None
     return shift
 

@@ -19,7 +19,7 @@ import numpy as np
 import xxhash
 
 from .codec import (_MEMO, PREFIX_SIZE, DecodeTo, _Ctx, _checked, _complex32, _corrupt, _head, _header, _shift,
-                    _torch, _walk)
+                    _torch, _walk, moved)
 from .runs import InRuns
 from .speedups import C as _C
 
@@ -152,9 +152,8 @@ def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Call
           seen: dict) -> list | bool | None:
     """decode_layout's items in C (``speedups``) when most share a flat header but for their key. A header the
     decoder's memo (``headers``) holds with the layout's descriptors (or with their offsets moved alike:
-    another alignment pad) costs nothing more; the first item
-    of each other header is decoded by ``one`` (which keeps it in ``seen``; the memo keeps it too). Every
-    other item is then checked against its buffer's length (and its checksum where ``checks`` asks) and
+    another alignment pad) costs nothing more; the first item of each other header is decoded by ``one``
+    (which keeps it in ``seen``; the memo keeps it too). Every other item is then checked against its buffer's length (and its checksum where ``checks`` asks) and
     copied into its rows, in one pass over the batch in C (``C.gather``). Returns their fields, False when an
     item's layout differs, or None to go on item by item (headers that do not repeat, or nested ones, a
     checksum that does not match, which Python then names; the items ``one`` decoded are done)."""
@@ -164,7 +163,7 @@ def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Call
         """(fields, shift) of the header whose bytes after the key are ``r``, first met at item b."""
         hit = memo.seen.get(r)
         if hit is not None and hit[0].keys() == keys0:  # (items of 64 KiB+ differ in their arrays' alignment pad)
-            shift = 0 if hit[1] == arrays0 else _moved(hit[1], arrays0)
+            shift = 0 if hit[1] == arrays0 else moved(hit[1], arrays0)
             if shift is not None:
                 seen[r] = got = dict(hit[0]), shift  # (its items share this dict, which nothing changes)
                 return got
@@ -190,18 +189,6 @@ def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Call
         if type(b) is not int:
             raise
         raise _corrupt(f"arrays run past the {len(bufs[b]) - _C.head(bufs[b])[0]}-byte payload") from None
-
-
-def _moved(arrays: list, arrays0: list) -> int | None:
-    """How far checked descriptors ``arrays`` lie from ``arrays0``: equal but for offsets all moved alike (another
-    alignment pad); None otherwise."""
-    if len(arrays) != len(arrays0) or not arrays:
-        return None
-    shift = arrays[0][4] - arrays0[0][4]
-    for a, a0 in zip(arrays, arrays0):
-        if a[:4] != a0[:4] or a[5:] != a0[5:] or a[4] - a0[4] != shift:
-            return None
-    return shift
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
