@@ -285,18 +285,17 @@ class Reader:
 
     def _raw_many(self, txn, indices: list[int]) -> list:
         """The stored bytes of several items, their disk reads in flight together (see ``prefetch``)."""
+        bufs = self._raw_batch(txn, indices)
+        return bufs.items() if type(bufs) is runs.InRuns else bufs
+
+    def _raw_batch(self, txn, indices: list[int]) -> list | runs.InRuns:
+        """``_raw_many``, a packed database's items left in their runs (``runs.InRuns``) when none is missing."""
         if self.legacy:
             return [txn.get(str(i).encode()) for i in indices]
         keys = store.pack_indices(indices)
         if not self._packed:
             return self._fetch.get_many(txn, self._items, keys)
-        return self._in_runs(self._fetch.get_many(txn, self._items, keys, ranged=True), indices)
-
-    def _raw_batch(self, txn, indices: list[int]) -> list | runs.InRuns:
-        """``_raw_many``, a packed database's items left in their runs (``runs.InRuns``) when none is missing."""
-        if self.legacy or not self._packed:
-            return self._raw_many(txn, indices)
-        found = self._fetch.get_many(txn, self._items, store.pack_indices(indices), ranged=True)
+        found = self._fetch.get_many(txn, self._items, keys, ranged=True)
         return self._in_runs(found, indices) if None in found else runs.InRuns(found, indices, self._in_runs)
 
     def _in_runs(self, found: list, indices: list[int]) -> list:
