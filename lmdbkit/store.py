@@ -1,9 +1,10 @@
 """Opening LMDB environments, their sub-databases and the format record.
 
-py-lmdb refuses a second ``lmdb.open`` of one path in one process, and a forked child inherits the
+py-lmdb refuses a second ``lmdb.open`` of the same files in one process, and a forked child inherits the
 parent's open environments together with that refusal. So every environment lmdbkit opens lives in a
-per-process registry keyed by real path: all readers (and the writer) of one path in one process share
-one environment, and a forked child forgets what it inherited before it opens its own.
+per-process registry keyed by its data file's identity (``file_id``): all readers (and the writer) of one
+database in one process share one environment, and a forked child forgets what it inherited before it opens
+its own.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Handle:
 
     path: str
     env: lmdb.Environment
+    key: tuple[int, int]  # file_id: what the registry knows it by
     writable: bool
     locked: bool
     pid: int = field(default_factory=os.getpid)
@@ -170,7 +172,7 @@ class Handle:
 
 
 _lock = threading.RLock()
-_registry: dict[str, Handle] = {}
+_registry: dict[tuple[int, int], Handle] = {}  # by the identity of each database's data file (``file_id``)
 _writer_locks: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
 PID = os.getpid()  # this process's pid, kept by the fork hook below (os.getpid() is a system call per read)
 
@@ -197,18 +199,28 @@ def _forget_inherited() -> None:
 os.register_at_fork(after_in_child=_forget_inherited)
 
 
-def real(path: str | os.PathLike) -> str:
-    return os.path.realpath(os.fspath(path))
+def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The identity of the database at ``path``: its data file's (device, inode); None where it has none yet.
+
+    One database is one environment in a process, whatever name it is reached by (LMDB's locks belong to the
+    process and the file: a second environment of the same files would release them on closing). A database
+    that another process has made again at the same path is new files, so it gets an environment of its own
+    while readers of the old one finish. One stat: resolving the path (``os.path.realpath``) took ~20 µs."""
+    try:
+        st = os.stat(os.path.join(path, DATA_FILE))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def acquire(path: str | os.PathLike, *, writable: bool = False, lock: bool = True, map_size: int | None = None,
             max_readers: int = 126, sync: bool = True) -> Handle:
-    """Open (or share) the environment at ``path`` in this process."""
-    rp = real(path)
+    """Open (or share) the environment of the database at ``path`` in this process."""
+    key = file_id(path)
     with _lock:
-        h = _registry.get(rp)
+        h = _registry.get(key)
         if h is not None and h.pid != os.getpid():  # fork without our hook (should not happen)
-            _registry.pop(rp)
+            _registry.pop(key)
             h = None
         if h is not None:
             if writable and not h.writable:
@@ -219,6 +231,7 @@ def acquire(path: str | os.PathLike, *, writable: bool = False, lock: bool = Tru
                 raise DatabaseBusyError(f"{path} already has a writer in this process; one writer per database")
             h.users += 1
             return h
+        rp = os.path.abspath(path)
         check_data_file(rp)  # a truncated data.mdb would kill this process with SIGBUS on first touch
         try:
             if writable:
@@ -228,8 +241,14 @@ def acquire(path: str | os.PathLike, *, writable: bool = False, lock: bool = Tru
                 env = lmdb.open(rp, readonly=True, lock=lock, readahead=False, meminit=False, max_dbs=MAX_DBS,
                                 subdir=True, max_readers=max_readers, create=False)
         except lmdb.Error as exc:
+            if "already open in this process" in str(exc):  # py-lmdb's guard: not by an lmdbkit object
+                raise DatabaseBusyError(
+                    f"{path}: its files are already open in this process outside lmdbkit (an lmdb.Environment of "
+                    "your own?), or an older database at this path is (another process made it again while a "
+                    f"Reader here held the old one, and the new files took the old ones' inodes): close those, "
+                    f"then open it again ({exc})") from exc
             raise open_error(path, exc, writable=writable, locked=lock) from exc
-        h = Handle(rp, env, writable=writable, locked=lock or writable, users=1)
+        h = Handle(rp, env, key or file_id(rp), writable=writable, locked=lock or writable, users=1)
         if not writable:
             try:
                 h.open_all()
@@ -237,7 +256,7 @@ def acquire(path: str | os.PathLike, *, writable: bool = False, lock: bool = Tru
                 env.close()
                 raise DamagedDatabaseError(f"{path}: LMDB cannot read it ({exc}); the file is damaged. "
                                         f"Run `lmdbkit verify {path}` for a report") from exc
-        _registry[rp] = h
+        _registry[h.key] = h
         return h
 
 
@@ -283,14 +302,14 @@ def release(h: Handle) -> None:
         if h.pid != os.getpid():
             return
         h.users -= 1
-        if h.users <= 0 and _registry.get(h.path) is h:
-            del _registry[h.path]
+        if h.users <= 0 and _registry.get(h.key) is h:
+            del _registry[h.key]
             h.env.close()
 
 
 def is_open(path: str | os.PathLike) -> bool:
     """Whether this process holds the environment at ``path`` open."""
-    h = _registry.get(real(path))
+    h = _registry.get(file_id(path))
     return h is not None and h.pid == os.getpid()
 
 

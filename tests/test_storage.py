@@ -486,6 +486,50 @@ def test_same_path_shares_one_environment(small_db):
     assert store.open_count() == before
 
 
+def test_one_environment_for_one_database_under_any_of_its_names(small_db, tmp_path):
+    link = tmp_path / "link.lmdb"
+    link.symlink_to(small_db)
+    a, b = lmdbkit.Reader(small_db), lmdbkit.Reader(link)
+    assert a._handle() is b._handle()
+    a.close(), b.close()
+
+
+def test_a_database_made_again_by_another_process_is_read_anew_while_the_old_one_is_open(tmp_path):
+    # the environment is shared by the database's files, not its path: a Reader still holding the old
+    # database keeps it, and a Reader opened after another process re-made it reads the new one
+    p = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(p) as w:
+        for s in make_samples(3):
+            w.append(s)
+    old = lmdbkit.Reader(p)
+    assert len(old) == 3
+    # (the old reader holds no lock file: kept open here, its inode cannot pass to the new database's lock file,
+    # which py-lmdb would take for the old environment's; see the next test)
+    held = os.open(p / "lock.mdb", os.O_RDONLY)
+    code = ("import sys, lmdbkit\n"
+            "with lmdbkit.Writer(sys.argv[1], mode='overwrite') as w:\n"
+            "    for i in range(5):\n"
+            "        w.append({'i': 100 + i})\n")
+    subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    new = lmdbkit.Reader(p)
+    assert len(new) == 5 and new[0]["i"] == 100
+    assert len(old) == 3 and old[2]["i"] == 2
+    assert not store.is_open(tmp_path / "elsewhere.lmdb")
+    old.close()
+    assert new[4]["i"] == 104 and store.is_open(p)
+    new.close()
+    assert not store.is_open(p)
+    os.close(held)
+
+
+def test_files_open_outside_lmdbkit_are_named_as_such(small_db):
+    env = lmdb.open(str(small_db), readonly=True, lock=False)
+    with pytest.raises(lmdbkit.DatabaseBusyError, match="already open in this process outside lmdbkit.*close"):
+        lmdbkit.Reader(small_db)
+    env.close()
+    assert len(lmdbkit.Reader(small_db)) > 0
+
+
 def test_writer_refused_while_reader_open_in_process(small_db):
     r = lmdbkit.Reader(small_db)
     with pytest.raises(lmdbkit.DatabaseBusyError, match="close"):
