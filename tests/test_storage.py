@@ -530,6 +530,18 @@ def test_files_open_outside_lmdbkit_are_named_as_such(small_db):
     assert len(lmdbkit.Reader(small_db)) > 0
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "{\"complete\": tru", "", "\"complete\""])
+def test_a_damaged_metadata_json_is_only_a_mirror(tmp_path, text):
+    # the format record inside LMDB is what a reader goes by; metadata.json only spares it the lock
+    p = tmp_path / "db.lmdb"
+    with lmdbkit.Writer(p) as w:
+        for s in make_samples(3):
+            w.append(s)
+    (p / "metadata.json").write_text(text)
+    with lmdbkit.Reader(p) as r:
+        assert len(r) == 3 and r[2]["i"] == 2
+
+
 def test_writer_refused_while_reader_open_in_process(small_db):
     r = lmdbkit.Reader(small_db)
     with pytest.raises(lmdbkit.DatabaseBusyError, match="close"):
