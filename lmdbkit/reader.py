@@ -118,8 +118,14 @@ class Reader:
         self._h = store.acquire(self.path, lock=self._locked, max_readers=self.max_readers)
         self._pid = store.PID
         self._items = None if self.__dict__.get("legacy") else self._h.db(store.ITEMS)
-        self._fetch = self._h.prefetcher
+        self.__dict__.pop("_fetch", None)  # the last environment's
         return self._h
+
+    @functools.cached_property
+    def _fetch(self) -> store.Prefetcher:
+        """The environment's lookups (``store.Handle.prefetcher``), made at the first read: opening a database
+        to ask its length needs none."""
+        return self._handle().prefetcher
 
     def _await_format_record(self, timeout: float = 5.0) -> dict | None:
         """The format record of a database whose writer is still creating it: a Writer makes the environment,
@@ -186,8 +192,8 @@ class Reader:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_h=None, _pid=-1, _items=None, _fetch=None)
-        state.pop("_kept", None)
+        state.update(_h=None, _pid=-1, _items=None)
+        state.pop("_kept", None), state.pop("_fetch", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
