@@ -4,5 +4,5 @@ else is in pyproject.toml. ``optional``: where it does not compile, the install 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("lmdbkit._speedups", ["lmdbkit/_speedups.c"], optional=True,
-                             include_dirs=["lmdbkit/_vendor"], depends=["lmdbkit/_vendor/xxhash.h"],
+                             include_dirs=["third_party/xxhash"], depends=["third_party/xxhash/xxhash.h"],
                              extra_compile_args=["-O2", "-Wall"])])

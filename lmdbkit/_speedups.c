@@ -17,7 +17,7 @@
 #include <string.h>
 #include <time.h>
 
-#define XXH_INLINE_ALL /* xxHash 0.8.2 (lmdbkit/_vendor, BSD 2-clause): the checksums python-xxhash computes */
+#define XXH_INLINE_ALL /* xxHash 0.8.2 (third_party/xxhash, BSD 2-clause): the checksums python-xxhash computes */
 #include "xxhash.h"
 
 #define HEAD_SIZE 16   /* a run's head, and an item's prefix: the same size */
