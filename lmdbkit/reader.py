@@ -193,7 +193,8 @@ class Reader:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.update(_h=None, _pid=-1, _items=None)
-        state.pop("_kept", None), state.pop("_fetch", None)
+        for name in ("_kept", "_fetch"):
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict) -> None:

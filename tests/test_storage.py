@@ -491,7 +491,8 @@ def test_one_environment_for_one_database_under_any_of_its_names(small_db, tmp_p
     link.symlink_to(small_db)
     a, b = lmdbkit.Reader(small_db), lmdbkit.Reader(link)
     assert a._handle() is b._handle()
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
 def test_a_database_made_again_by_another_process_is_read_anew_while_the_old_one_is_open(tmp_path):
