@@ -218,7 +218,7 @@ def acquire(path: str | os.PathLike, *, writable: bool = False, lock: bool = Tru
     """Open (or share) the environment of the database at ``path`` in this process."""
     key = file_id(path)
     with _lock:
-        h = _registry.get(key)
+        h = None if key is None else _registry.get(key)
         if h is not None and h.pid != os.getpid():  # fork without our hook (should not happen)
             _registry.pop(key)
             h = None
@@ -248,7 +248,9 @@ def acquire(path: str | os.PathLike, *, writable: bool = False, lock: bool = Tru
                     f"Reader here held the old one, and the new files took the old ones' inodes): close those, "
                     f"then open it again ({exc})") from exc
             raise open_error(path, exc, writable=writable, locked=lock) from exc
-        h = Handle(rp, env, key or file_id(rp), writable=writable, locked=lock or writable, users=1)
+        # a new database's key once LMDB has made its files (if they are gone again already, one no other has)
+        key = key or file_id(rp) or (-1, id(env))
+        h = Handle(rp, env, key, writable=writable, locked=lock or writable, users=1)
         if not writable:
             try:
                 h.open_all()
