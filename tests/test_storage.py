@@ -523,6 +523,17 @@ def test_a_database_made_again_by_another_process_is_read_anew_while_the_old_one
     os.close(held)
 
 
+def test_databases_whose_files_cannot_be_told_apart_still_get_environments_of_their_own(tmp_path, monkeypatch):
+    # (a database whose data file is gone again between LMDB's open and its stat has no identity to key on)
+    monkeypatch.setattr(store, "file_id", lambda path: None)
+    with lmdbkit.Writer(tmp_path / "a.lmdb") as a, lmdbkit.Writer(tmp_path / "b.lmdb") as b:
+        assert a._h is not b._h
+        a.append({"i": 1})
+        b.append({"i": 2})
+    monkeypatch.undo()
+    assert lmdbkit.Reader(tmp_path / "b.lmdb")[0]["i"] == 2
+
+
 def test_files_open_outside_lmdbkit_are_named_as_such(small_db):
     env = lmdb.open(str(small_db), readonly=True, lock=False)
     with pytest.raises(lmdbkit.DatabaseBusyError, match="already open in this process outside lmdbkit.*close"):
