@@ -206,9 +206,10 @@ def storage_views(*groups: dict, shared: bool) -> list[dict]:
 
 def batch_tensor(dtype: torch.dtype, shape: tuple, *, shared: bool) -> torch.Tensor:
     """An uninitialised tensor; in shared memory when asked (as default_collate allocates in workers). A private
-    one is numpy's memory: numpy asks the kernel for huge pages for arrays of 4 MiB and more (``madvise``), and
-    copying a batch of 64 ~256 KiB items into 4 KiB pages took 1.85-2.20 ms against 1.48-1.60 into numpy's
-    (one process, this project's 2-core machine; a miss of the TLB every 4 KiB written)."""
+    byte storage (what ``storage_views`` asks for) is numpy's memory: numpy asks the kernel for huge pages for
+    arrays of 4 MiB and more (``madvise``), and copying a batch of 64 ~256 KiB items into 4 KiB pages took
+    1.85-2.20 ms against 1.48-1.60 into numpy's (one process, this project's 2-core machine; a miss of the TLB
+    every 4 KiB written)."""
     if not shared:
         if dtype == torch.uint8:
             return torch.from_numpy(np.empty(shape, np.uint8))

@@ -5,8 +5,8 @@ Items of one schema have the same fields and array descriptors, so a batch check
 its first item's (``Layout``) instead of checking each descriptor again, and items whose header repeats but
 for the key (a label, a category) share what was made of it. With ``speedups.C`` the items of a header met
 before are checked (bounds, and checksums when verified) and copied in C, all together in one pass
-(``_in_c``), straight from the runs of a packed database (``runs.InRuns``). ``lmdbkit.batch`` builds its blocks on this;
-the item format itself is ``codec``'s.
+(``_in_c``), straight from the runs of a packed database (``runs.InRuns``). ``lmdbkit.batch`` builds its
+blocks on this; the item format itself is ``codec``'s.
 """
 
 from __future__ import annotations
@@ -151,12 +151,13 @@ class _Differs(Exception):
 def _in_c(bufs: list, checks: list[bool], plain: list, layout: Layout, one: Callable[[int, bool], bool],
           seen: dict) -> list | bool | None:
     """decode_layout's items in C (``speedups``) when most share a flat header but for their key. A header the
-    decoder's memo (``headers``) holds with the layout's descriptors (or with their offsets moved alike:
-    another alignment pad) costs nothing more; the first item of each other header is decoded by ``one``
-    (which keeps it in ``seen``; the memo keeps it too). Every other item is then checked against its buffer's length (and its checksum where ``checks`` asks) and
-    copied into its rows, in one pass over the batch in C (``C.gather``). Returns their fields, False when an
-    item's layout differs, or None to go on item by item (headers that do not repeat, or nested ones, a
-    checksum that does not match, which Python then names; the items ``one`` decoded are done)."""
+    decoder's memo (``headers``) holds with the layout's descriptors (or with their offsets moved alike: another
+    alignment pad) costs nothing more; the first item of each other header is decoded by ``one`` (which keeps it
+    in ``seen``; the memo keeps it too). Every other item is then checked against its buffer's length (and its
+    checksum where ``checks`` asks) and copied into its rows, in one pass over the batch in C (``C.gather``).
+    Returns their fields, False when an item's layout differs, or None to go on item by item (headers that do
+    not repeat, or nested ones, a checksum that does not match, which Python then names; the items ``one``
+    decoded are done)."""
     memo, keys0, arrays0, done = _MEMO, layout.first.keys(), layout.arrays, []
 
     def resolve(b: int, r: bytes) -> tuple[dict, int] | None:

@@ -4,8 +4,8 @@
 and lmdbkit reads in pure Python, as it does with ``LMDBKIT_PURE_PYTHON=1``. The extension takes only the
 common case of each step (an item's bytes in its run, its prefix and header key, a warm batch's timed run
 lookups, and a batch's items grouped by header, checked (their checksums too, when verified) and copied into
-their rows in one pass), checking every offset against its buffer; whatever
-it does not take, Python takes the same way as without it, and names what is wrong (``CorruptItemError``).
+their rows in one pass), checking every offset against its buffer; whatever it does not take, Python takes
+the same way as without it, and names what is wrong (``CorruptItemError``).
 """
 
 from __future__ import annotations
